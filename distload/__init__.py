@@ -1,0 +1,25 @@
+"""distload: load sharded safetensors checkpoints into meta-initialized models on every rank.
+
+Each file is read once per job, by one rank, and its tensors travel over
+torch.distributed to every rank that needs them.
+
+    import distload
+    with distload.empty_init():
+        model = build_model(config)
+    report = distload.load_checkpoint(model, "/ckpt/llama", device="cuda")
+"""
+
+from .errors import DistLoadError
+from .loader import load_checkpoint, load_state_dict, plan_checkpoint
+from .place import empty_init
+from .report import LoadReport
+
+__all__ = [
+    "DistLoadError",
+    "LoadReport",
+    "empty_init",
+    "load_checkpoint",
+    "load_state_dict",
+    "plan_checkpoint",
+]
+__version__ = "0.1.0"

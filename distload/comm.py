@@ -1,0 +1,128 @@
+"""The only module that calls collectives.
+
+:class:`Comm` is the small interface the driver needs: object exchange, an
+in-place byte broadcast, and *error agreement* — every rank learns which ranks
+failed, so all raise together instead of leaving survivors blocked in a
+collective. :class:`TorchComm` runs it over a torch.distributed process group
+(NCCL on GPUs, gloo on CPUs); :class:`LocalComm` is the one-process case.
+
+Every method here is collective: all ranks of the group must call it, in the
+same order, which the shared plan guarantees.
+"""
+
+from __future__ import annotations
+
+import traceback
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .errors import DistLoadError
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the error report: DistLoadErrors speak for themselves."""
+    if isinstance(exc, DistLoadError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Comm(ABC):
+    """Transport for one load. ``device`` is where collective buffers live."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """(all ranks) Every rank's ``obj``, indexed by rank."""
+
+    @abstractmethod
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """(all ranks) ``src``'s ``obj``; other ranks pass ``None``."""
+
+    @abstractmethod
+    def broadcast_(self, buf: torch.Tensor, src: int) -> None:
+        """(all ranks) Fill ``buf`` (contiguous, on ``device``) with ``src``'s bytes."""
+
+    @abstractmethod
+    def failed_ranks(self, failed: bool) -> list[int]:
+        """(all ranks) The ranks that passed ``failed=True``. One tiny collective."""
+
+    def agree(self, phase: str, error: BaseException | None) -> None:
+        """(all ranks) Raise the same :class:`DistLoadError` everywhere if any rank failed.
+
+        Costs one small collective when all is well; only on failure does it
+        gather the messages. The local exception becomes ``__cause__``.
+        """
+        if self.failed_ranks(error is not None):
+            self.raise_agreed(phase, error)
+
+    def raise_agreed(self, phase: str, error: BaseException | None) -> None:
+        """(all ranks, after a failed status) Gather each rank's message and raise."""
+        msg = describe(error) if error is not None else None
+        msgs = self.all_gather_object(msg)
+        failures = {r: m for r, m in enumerate(msgs) if m is not None}
+        raise DistLoadError.from_failures(phase, failures) from error
+
+
+class LocalComm(Comm):
+    """A single process: nothing to exchange."""
+
+    def __init__(self, device: torch.device):
+        self.rank, self.world_size, self.device = 0, 1, device
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def broadcast_(self, buf: torch.Tensor, src: int) -> None:
+        return None
+
+    def failed_ranks(self, failed: bool) -> list[int]:
+        return [0] if failed else []
+
+
+class TorchComm(Comm):
+    """torch.distributed over one process group."""
+
+    def __init__(self, group: Any, device: torch.device):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = device
+        # Group ranks -> global ranks, which is what the src= arguments take.
+        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)] if group is not None else list(range(self.world_size))
+        self._status = torch.zeros(self.world_size, dtype=torch.int32, device=device)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=self._global[src], group=self.group, device=self.device)
+        return box[0]
+
+    def broadcast_(self, buf: torch.Tensor, src: int) -> None:
+        if buf.numel():
+            self._dist.broadcast(buf, src=self._global[src], group=self.group)
+
+    def failed_ranks(self, failed: bool) -> list[int]:
+        self._status.zero_()
+        if failed:
+            self._status[self.rank] = 1
+        self._dist.all_reduce(self._status, op=self._dist.ReduceOp.MAX, group=self.group)
+        return [r for r, v in enumerate(self._status.tolist()) if v]
+
+
+def format_traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

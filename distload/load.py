@@ -1,0 +1,158 @@
+"""Command line: ``torchrun --nproc_per_node N -m distload.load CKPT`` (or plain python for one process).
+
+Every rank runs this module; rank 0 prints the summary. Exit status 0 means
+the model (or state dict) loaded completely on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
+from .loader import load_state_dict_with_report
+from .bootstrap import DEFAULT_TIMEOUT_S
+from .plan import DEFAULT_BUCKET_MB
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m distload.load",
+        description="Load a sharded safetensors checkpoint on every rank, reading each file once per job.",
+    )
+    p.add_argument("path", help="checkpoint directory, .safetensors file or *.safetensors.index.json")
+    p.add_argument("--model", default="auto",
+                   help="hf: build from config.json with transformers; none: state dict only; "
+                        "pkg.module:factory: call factory() (or factory(path)) under empty_init; "
+                        "auto (default): hf if config.json is present, else none")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl; this rank's GPU from LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", help="auto (config's dtype, else as stored), bf16, fp16 or fp32")
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket and transfer size in MiB")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="fail on missing or unexpected keys (default) or only report them")
+    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (file -> rank) and read no tensor data")
+    p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on rank 0 (default: when stderr is a terminal)")
+    return p.parse_args(argv)
+
+
+def checkpoint_dir(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def build_model(spec: str, path: str) -> nn.Module | None:
+    """(every rank) The meta-initialized model the CLI loads into, or None for a state dict."""
+    root = checkpoint_dir(path)
+    if spec == "auto":
+        spec = "hf" if (root / "config.json").is_file() else "none"
+    if spec == "none":
+        return None
+    if spec == "hf":
+        return build_hf_model(root)
+    if ":" not in spec:
+        raise DistLoadError(f"--model must be hf, none, auto or pkg.module:factory, not {spec!r}")
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise DistLoadError(f"cannot import model factory {spec}: {e}") from None
+    takes_path = bool(inspect.signature(factory).parameters)
+    with empty_init():
+        model = factory(str(path)) if takes_path else factory()
+    if not isinstance(model, nn.Module):
+        raise DistLoadError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_hf_model(root: Path) -> nn.Module:
+    """Build the transformers model that ``config.json`` names, under empty_init."""
+    try:
+        import transformers
+    except ImportError:
+        raise DistLoadError("--model hf needs transformers: pip install 'distload[hf]'") from None
+    config = transformers.AutoConfig.from_pretrained(root)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with empty_init():
+        if cls is not None:
+            return cls(config)
+        return transformers.AutoModel.from_config(config)
+
+
+def hf_dtype(root: Path) -> torch.dtype | None:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        return None
+    conf = json.loads(cfg.read_text())
+    name = conf.get("dtype") or conf.get("torch_dtype")
+    return DTYPES.get(str(name)) if name else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = 0
+    try:
+        if args.dtype != "auto" and args.dtype not in DTYPES:
+            raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
+        if args.dry_run:
+            plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
+            rank = _rank()
+            if rank == 0:
+                print(plan.describe())
+            return 0
+        model = build_model(args.model, args.path)
+        dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
+            hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
+        common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
+                      timeout_s=args.timeout_s, progress=args.progress)
+        if model is None:
+            _, report = load_state_dict_with_report(args.path, **common)
+        else:
+            report = load_checkpoint(model, args.path, strict=args.strict, **common)
+            still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+            if still_meta:
+                raise DistLoadError(f"parameters left on meta after the load: {still_meta[:5]}")
+        rank = report.rank
+        if rank == 0:
+            print(report.summary())
+            if args.report:
+                Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+        return 0
+    except DistLoadError as e:
+        rank = _rank()
+        if rank == 0 or not e.agreed:
+            one_line = " | ".join(line.strip() for line in str(e).splitlines())
+            print(f"distload: error (rank {rank}): {one_line}", file=sys.stderr)
+        return 1
+    finally:
+        _shutdown()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

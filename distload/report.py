@@ -1,0 +1,63 @@
+"""What a load did, per rank and for the whole job."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from dataclasses import dataclass, field
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class LoadReport:
+    """Returned by every rank. ``ranks`` holds every rank's own figures."""
+
+    rank: int
+    world_size: int
+    host: str
+    local_rank: int
+    device: str
+    files: list[str]  # files this rank read
+    bytes_read: int  # tensor bytes this rank read from storage
+    total_bytes: int  # tensor bytes the whole job moved
+    seconds: float
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    peak_rss_bytes: int = 0
+    chunks: int = 0  # collectives that carried data
+    ranks: list[dict] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["gbps"] = self.gbps
+        return d
+
+    def summary(self) -> str:
+        """A few lines for rank 0 to print."""
+        lines = [
+            f"distload: {self.total_bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
+            f"= {self.gbps:.2f} GB/s, world {self.world_size}, device {self.device}, {self.chunks} chunks"
+        ]
+        for r in self.ranks or [self.to_dict()]:
+            lines.append(
+                f"  rank {r['rank']:>3} {r['host']}:{r['local_rank']}  read {r['bytes_read'] / 1e9:7.3f} GB "
+                f"from {len(r['files'])} file(s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
+            )
+        if self.missing_keys:
+            lines.append(f"  missing keys ({len(self.missing_keys)}): {', '.join(self.missing_keys[:8])}"
+                         + (" ..." if len(self.missing_keys) > 8 else ""))
+        if self.unexpected_keys:
+            lines.append(f"  unexpected keys ({len(self.unexpected_keys)}): {', '.join(self.unexpected_keys[:8])}"
+                         + (" ..." if len(self.unexpected_keys) > 8 else ""))
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
