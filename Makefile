@@ -1,0 +1,31 @@
+# Everything a fresh machine needs; see README.md.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+NPROC   ?= 2
+DEMO    ?= demo_ckpt
+
+.PHONY: demo test venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned in constraints.txt: 2.13.0 is the CPU build on this machine's disk.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# 1. Write a small demo checkpoint and load it on 2 CPU ranks, printing the report.
+demo: venv
+	$(BIN)/python -m benchmarks.make_checkpoint $(DEMO) --preset demo
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m distload.load $(DEMO) --model hf --device cpu --report $(DEMO)/report.json
+
+# 2. The test suite, in parallel.
+test: venv
+	$(BIN)/python -m pytest -n auto -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
