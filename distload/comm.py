@@ -25,7 +25,9 @@ def describe(exc: BaseException) -> str:
     """One line for the error report: DistLoadErrors speak for themselves."""
     if isinstance(exc, DistLoadError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    notes = [n for n in getattr(exc, "__notes__", None) or [] if isinstance(n, str)]
+    where = "".join(f"{n}: " for n in notes)
+    return f"{where}{type(exc).__name__}: {exc}"
 
 
 class Comm(ABC):
@@ -62,10 +64,11 @@ class Comm(ABC):
 
     def raise_agreed(self, phase: str, error: BaseException | None) -> None:
         """(all ranks, after a failed status) Gather each rank's message and raise."""
-        msg = describe(error) if error is not None else None
-        msgs = self.all_gather_object(msg)
-        failures = {r: m for r, m in enumerate(msgs) if m is not None}
-        raise DistLoadError.from_failures(phase, failures) from error
+        mine = (describe(error), format_traceback(error)) if error is not None else None
+        got = self.all_gather_object(mine)
+        failures = {r: m[0] for r, m in enumerate(got) if m is not None}
+        tracebacks = {r: m[1] for r, m in enumerate(got) if m is not None}
+        raise DistLoadError.from_failures(phase, failures, tracebacks) from error
 
 
 class LocalComm(Comm):
