@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
-from .comm import Comm, describe
-from .errors import DistLoadError
-from .index import read_checkpoint
+from .comm import Comm, describe, format_traceback
+from .errors import DistLoadError, add_context
+from .index import local_root, read_checkpoint
 from .place import (
     Destinations,
     alias_groups,
@@ -64,6 +64,7 @@ def load_checkpoint(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     process_group=None,
     progress: bool | None = None,
+    comm: str = "torch",
 ) -> LoadReport:
     """(all ranks) Fill ``model`` from a safetensors checkpoint, reading each file once per job.
 
@@ -79,6 +80,9 @@ def load_checkpoint(
             (missing parameters are zero-filled).
         bucket_mb: size of the coalescing buckets and of each transfer.
         timeout_s: collective timeout when distload creates the process group.
+        comm: the transport: ``"torch"`` (torch.distributed, default) or
+            ``"mpi"`` (mpi4py; ``process_group`` is then an MPI communicator,
+            default ``COMM_WORLD``). Both follow the same plan.
         process_group: the group to load over; default the default group, which
             is created from the torchrun environment if it does not exist yet.
         progress: show a progress bar on rank 0; default when stderr is a terminal.
@@ -91,8 +95,8 @@ def load_checkpoint(
         print(report.summary())
     """
     dev = resolve_device(device)
-    comm = make_comm(dev, process_group, timeout_s)
-    return _Load(comm, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype).run()
+    transport = make_comm(dev, process_group, timeout_s, comm)
+    return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype).run()
 
 
 def load_state_dict(
@@ -104,6 +108,7 @@ def load_state_dict(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     process_group=None,
     progress: bool | None = None,
+    comm: str = "torch",
 ) -> dict[str, torch.Tensor]:
     """(all ranks) Every tensor of the checkpoint, on every rank, as a dict.
 
@@ -112,15 +117,16 @@ def load_state_dict(
         sd = distload.load_state_dict("/ckpt/llama", device="cpu")
     """
     return load_state_dict_with_report(path, device=device, dtype=dtype, bucket_mb=bucket_mb,
-                                       timeout_s=timeout_s, process_group=process_group, progress=progress)[0]
+                                       timeout_s=timeout_s, process_group=process_group, progress=progress,
+                                       comm=comm)[0]
 
 
 def load_state_dict_with_report(path, *, device=None, dtype=None, bucket_mb=DEFAULT_BUCKET_MB,
-                                timeout_s=DEFAULT_TIMEOUT_S, process_group=None, progress=None):
+                                timeout_s=DEFAULT_TIMEOUT_S, process_group=None, progress=None, comm="torch"):
     """(all ranks) :func:`load_state_dict`, plus this rank's :class:`LoadReport`."""
     dev = resolve_device(device)
-    comm = make_comm(dev, process_group, timeout_s)
-    job = _Load(comm, dev, path, True, bucket_mb, progress, model=None, dtype=dtype)
+    transport = make_comm(dev, process_group, timeout_s, comm)
+    job = _Load(transport, dev, path, True, bucket_mb, progress, model=None, dtype=dtype)
     report = job.run()
     return job.state_dict, report
 
@@ -132,11 +138,12 @@ def plan_checkpoint(
     bucket_mb: float = DEFAULT_BUCKET_MB,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     process_group=None,
+    comm: str = "torch",
 ) -> LoadPlan:
     """(all ranks) The plan a load would follow, without reading tensor data."""
     dev = resolve_device(device)
-    comm = make_comm(dev, process_group, timeout_s)
-    job = _Load(comm, dev, path, True, bucket_mb, False, model=None, dtype=None)
+    transport = make_comm(dev, process_group, timeout_s, comm)
+    job = _Load(transport, dev, path, True, bucket_mb, False, model=None, dtype=None)
     return job.make_plan()
 
 
@@ -163,18 +170,33 @@ class _Load:
             plan = self.make_plan()
             self.phase = "open"
             error = None
+            step = f"allocating this rank's tensors on {self.device}"
             try:
                 dests = self._destinations(plan)
-                fds = {i: open_verified(plan, i) for i, o in enumerate(plan.owners) if o == self.comm.rank}
+                step = "opening this rank's files"
+                fds = self._open_files(plan, fds)
             except Exception as e:
-                error = e
+                error = add_context(e, step)
             self.comm.agree("open", error)
             self.phase = "transfer"
             bytes_read, chunks = self._transfer(plan, dests, fds)
             seconds = time.perf_counter() - t0
-            report = self._report(plan, bytes_read, chunks, seconds)
             self.phase = "finish"
-            report.ranks = self.comm.all_gather_object(report.to_dict())
+            # The report travels in the one gather this phase needs; a rank that
+            # cannot build its report sends its error instead, so none waits.
+            report: LoadReport | None = None
+            local: Exception | None = None
+            try:
+                report = self._report(plan, bytes_read, chunks, seconds)
+                mine = (report.to_dict(), None, None)
+            except Exception as e:
+                local, mine = e, (None, describe(e), format_traceback(e))
+            gathered = self.comm.all_gather_object(mine)
+            failed = {r: g[1] for r, g in enumerate(gathered) if g[1] is not None}
+            if failed:
+                raise DistLoadError.from_failures("finish", failed, {r: gathered[r][2] for r in failed}) from local
+            assert report is not None
+            report.ranks = [g[0] for g in gathered]
             for r in report.ranks:
                 r.pop("ranks", None)
             ok = True
@@ -197,29 +219,41 @@ class _Load:
     def make_plan(self) -> LoadPlan:
         """(all ranks) Exchange rank info; rank 0 validates and plans; all receive the plan."""
         self.phase = "plan"
-        me = rank_info(self.comm.rank)
-        sig = model_signature(self.model) if self.model is not None else {}
-        digest = hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
-        gathered = self.comm.all_gather_object((me, digest))
+        # Any rank's local failure rides in the first gather, so no rank is
+        # left waiting for the plan broadcast.
+        local: Exception | None = None
+        sig: dict = {}
+        try:
+            me = rank_info(self.comm.rank)
+            sig = model_signature(self.model) if self.model is not None else {}
+            digest = hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
+            mine = (me, digest, None)
+        except Exception as e:
+            local, mine = e, (None, None, (describe(e), format_traceback(e)))
+        gathered = self.comm.all_gather_object(mine)
+        bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
+        if bad:
+            raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
+                                              {r: m[1] for r, m in bad.items()}) from local
         result: tuple | None = None
         error: Exception | None = None
         if self.comm.rank == 0:
             try:
-                differ = [r for r, (_, d) in enumerate(gathered) if d != digest]
+                differ = [r for r, (_, d, _) in enumerate(gathered) if d != digest]
                 if differ:
                     raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
                                         "every rank must build the same model")
                 ckpt = read_checkpoint(self.path, strict=self.strict)
                 match = self._match(ckpt, sig) if self.model is not None else None
                 wanted = set(match.wanted) if match else None
-                plan = build_plan(ckpt, [i for i, _ in gathered], bucket_mb=self.bucket_mb, wanted=wanted)
+                plan = build_plan(ckpt, [i for i, _, _ in gathered], bucket_mb=self.bucket_mb, wanted=wanted)
                 result = (plan, match, None)
             except Exception as e:
                 error = e
-                result = (None, None, describe(e))
+                result = (None, None, (describe(e), format_traceback(e)))
         plan, match, msg = self.comm.broadcast_object(result, src=0)
         if msg is not None:
-            raise DistLoadError.from_failures("plan", {0: msg}) from error
+            raise DistLoadError.from_failures("plan", {0: msg[0]}, {0: msg[1]}) from error
         if match is not None:
             self.match = match
         return plan
@@ -251,6 +285,20 @@ class _Load:
                 f"buffers {unfilled} are on the meta device and the checkpoint does not hold them; "
                 "build the model under distload.empty_init(), which keeps buffers real")
         return _Match(frozenset(wanted), tuple(missing), tuple(unexpected))
+
+    def _open_files(self, plan: LoadPlan, fds: dict[int, int]) -> dict[int, int]:
+        """(owner ranks) Open and verify this rank's files under its own view of the path.
+
+        Fills ``fds`` as it goes, so the caller closes whatever was opened
+        even if a later file fails.
+        """
+        mine = [i for i, o in enumerate(plan.owners) if o == self.comm.rank]
+        if not mine:
+            return fds
+        root = local_root(self.path)
+        for i in mine:
+            fds[i] = open_verified(plan, i, root)
+        return fds
 
     def _destinations(self, plan: LoadPlan) -> Destinations:
         """(every rank) Real memory for everything this rank will receive."""
@@ -305,7 +353,10 @@ class _Load:
                 try:
                     if release or in_place(chunk, comm.device) is None:
                         for p in chunk.pieces:
-                            write_piece(dests.tensors[p.name], p, buf, plan.dtypes[p.name])
+                            try:
+                                write_piece(dests.tensors[p.name], p, buf, plan.dtypes[p.name])
+                            except Exception as e:
+                                raise add_context(e, f"placing {p.name!r} from {plan.files[chunk.file].name}")
                 except Exception as e:
                     error = e
                 for p_, b in release:

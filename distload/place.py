@@ -100,6 +100,27 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
     """
     replaced: dict[int, nn.Parameter] = {}
     undo: list[tuple[nn.Module, str, str, torch.Tensor]] = []
+
+    def restore() -> None:
+        # Parameters go back to meta (some may share memory that was partly
+        # written); buffers get their original tensors back, which were only
+        # copied from, so a failed load can simply be retried.
+        for module, slot, name, old in reversed(undo):
+            keep = slot == "_buffers" or old.device.type == "meta"
+            getattr(module, slot)[name] = old if keep else old.to("meta")
+        undo.clear()
+
+    try:
+        _materialize_into(model, device, dtype, replaced, undo)
+    except BaseException:
+        restore()  # an allocation failed part-way: leave nothing half-materialized
+        raise
+    tensors = {k: v.data if isinstance(v, nn.Parameter) else v for k, v in model.state_dict(keep_vars=True).items()}
+    return Destinations(tensors, alias_groups(model), restore)
+
+
+def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+                      replaced: dict[int, nn.Parameter], undo: list) -> None:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None:
@@ -128,13 +149,6 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
                 continue
             undo.append((module, "_buffers", name, b))
             module._buffers[name] = new_b
-
-    def restore() -> None:
-        for module, slot, name, old in reversed(undo):
-            getattr(module, slot)[name] = old if old.device.type == "meta" else old.to("meta")
-
-    tensors = {k: v.data if isinstance(v, nn.Parameter) else v for k, v in model.state_dict(keep_vars=True).items()}
-    return Destinations(tensors, alias_groups(model), restore)
 
 
 def meta_buffers_not_loaded(model: nn.Module, loaded: set[str]) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import DistLoadError
-from .index import check_file_name
+from .errors import add_context
+from .index import check_file_name, header_from_fd, open_regular
 from .plan import Chunk, LoadPlan
 
 
@@ -59,21 +60,23 @@ class BufferPool:
             self._cv.notify_all()
 
 
-def open_verified(plan: LoadPlan, file_idx: int) -> int:
+def open_verified(plan: LoadPlan, file_idx: int, root: str | os.PathLike | None = None) -> int:
     """(owner ranks) Open one assigned file and check it is the file rank 0 planned.
 
-    Storage can differ between nodes, so each owner re-checks the name, that it
-    is a regular file, and its size and header length, before any data moves.
+    ``root`` is this rank's own checkpoint directory (see
+    :func:`distload.index.local_root`); default the planner's. Storage can
+    differ between nodes, so each owner re-checks the name, that it is a
+    regular file (opened without blocking), its size, and its whole header
+    against rank 0's, before any data moves.
     """
     shard = plan.files[file_idx]
-    path = check_file_name(Path(plan.root), shard.name)
-    fd = os.open(path, os.O_RDONLY)
+    path = check_file_name(Path(plan.root if root is None else root), shard.name)
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size != shard.size:
             raise DistLoadError(f"{path}: {size} bytes here, but rank 0 planned with {shard.size}")
-        head = os.pread(fd, 8, 0)
-        if len(head) != 8 or int.from_bytes(head, "little") != shard.data_offset - 8:
+        if header_from_fd(fd, shard.name) != shard:
             raise DistLoadError(f"{path}: header differs from the one rank 0 planned with")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -137,6 +140,8 @@ class ChunkReader:
                 self.bytes_read += chunk.nbytes
                 self._out.put((chunk, buf, pooled, None))
             except BaseException as e:  # handed to the consumer, who reports it to all ranks
+                add_context(e, f"reading {self._plan.files[chunk.file].name} "
+                               f"bytes {chunk.start}-{chunk.start + chunk.nbytes}")
                 if pooled:
                     self._pool.release(buf)
                 self._out.put((chunk, None, False, e))
