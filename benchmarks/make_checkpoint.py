@@ -15,6 +15,7 @@ from pathlib import Path
 PRESETS = {
     # name: (hidden, layers, intermediate, vocab, heads, kv_heads, shard, dtype)
     "tiny": (64, 2, 160, 1000, 4, 2, "100KB", "float32"),
+    "smoke": (64, 2, 160, 1000, 4, 2, "100KB", "bfloat16"),  # the benchmark's smoke test
     "demo": (256, 4, 688, 8000, 8, 4, "8MB", "float32"),
     "quick": (1024, 4, 2816, 16000, 16, 16, "60MB", "bfloat16"),
     "1.7GB": (2048, 16, 5632, 32000, 16, 16, "500MB", "bfloat16"),
