@@ -9,6 +9,7 @@ torch.distributed to every rank that needs them.
     report = distload.load_checkpoint(model, "/ckpt/llama", device="cuda")
 """
 
+from .bootstrap import init_distributed
 from .errors import DistLoadError
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
@@ -18,6 +19,7 @@ __all__ = [
     "DistLoadError",
     "LoadReport",
     "empty_init",
+    "init_distributed",
     "load_checkpoint",
     "load_state_dict",
     "plan_checkpoint",

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
 from .loader import load_state_dict_with_report
-from .bootstrap import DEFAULT_TIMEOUT_S
+from .bootstrap import COMMS, DEFAULT_TIMEOUT_S
 from .plan import DEFAULT_BUCKET_MB
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket and transfer size in MiB")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail on missing or unexpected keys (default) or only report them")
+    p.add_argument("--comm", default="torch", choices=COMMS,
+                   help="transport: torch (torch.distributed, set up from torchrun, srun or mpiexec; default) "
+                        "or mpi (mpi4py, for CPU clusters without NCCL or jobs already inside MPI)")
     p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
     p.add_argument("--dry-run", action="store_true", help="print the plan (file -> rank) and read no tensor data")
     p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype != "auto" and args.dtype not in DTYPES:
             raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
         if args.dry_run:
-            plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
+            plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s,
+                                   comm=args.comm)
             rank = _rank()
             if rank == 0:
                 print(plan.describe())
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
             hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
         common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
-                      timeout_s=args.timeout_s, progress=args.progress)
+                      timeout_s=args.timeout_s, progress=args.progress, comm=args.comm)
         if model is None:
             _, report = load_state_dict_with_report(args.path, **common)
         else:
@@ -142,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rank() -> int:
+    """This process's rank in whichever transport is up: torch.distributed, else MPI, else 0."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    mpi = sys.modules.get("mpi4py.MPI")  # only when --comm mpi imported it
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD.Get_rank()
+    return 0
 
 
 def _shutdown() -> None:

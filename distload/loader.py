@@ -409,6 +409,7 @@ class _Load:
             rank=self.comm.rank,
             world_size=self.comm.world_size,
             host=me.host,
+            node=me.node_key,
             local_rank=me.local_rank,
             device=str(self.device),
             files=[f.name for f in plan.files_of(self.comm.rank)],

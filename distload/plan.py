@@ -23,6 +23,11 @@ class RankInfo:
     rank: int
     host: str
     local_rank: int
+    node: str = ""  # what tells nodes apart (hostname, plus the launcher's node rank); default host
+
+    @property
+    def node_key(self) -> str:
+        return self.node or self.host
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,12 @@ class LoadPlan:
         """A human-readable table of file -> rank and bytes per rank."""
         lines = [f"plan: {len(self.files)} file(s), {self.total_bytes / 1e9:.3f} GB to move, "
                  f"{len(self.chunks)} chunk(s) of <= {self.bucket_bytes >> 20} MiB, world {self.world_size}"]
+        nodes = {r.rank: f" on {r.node_key}" for r in self.ranks}
         for f, o in zip(self.files, self.owners):
-            lines.append(f"  {f.name:<40} {f.size / 1e6:>10.1f} MB -> rank {o}")
-        hosts = {r.rank: r.host for r in self.ranks}
+            lines.append(f"  {f.name:<40} {f.size / 1e6:>10.1f} MB -> rank {o}{nodes.get(o, '')}")
+        where = {r.rank: f" (node {r.node_key}, local rank {r.local_rank})" for r in self.ranks}
         for r in range(self.world_size):
-            host = f" ({hosts[r]})" if r in hosts else ""
+            host = where.get(r, "")
             lines.append(f"  rank {r}{host}: {len(self.files_of(r))} file(s), {self.bytes_of(r) / 1e9:.3f} GB")
         return "\n".join(lines)
 
@@ -103,7 +109,7 @@ def assign_files(files: tuple[ShardFile, ...], ranks: list[RankInfo]) -> tuple[i
     """
     nodes: dict[str, list[int]] = {}
     for info in sorted(ranks, key=lambda r: r.rank):
-        nodes.setdefault(info.host, []).append(info.rank)
+        nodes.setdefault(info.node_key, []).append(info.rank)
     node_list = list(nodes.values())
     node_load = [0] * len(node_list)
     rank_load = {r.rank: 0 for r in ranks}

@@ -31,6 +31,7 @@ class LoadReport:
     peak_rss_bytes: int = 0
     chunks: int = 0  # collectives that carried data
     ranks: list[dict] = field(default_factory=list)
+    node: str = ""  # the plan's node key: hostname, plus the launcher's node rank when known
 
     @property
     def gbps(self) -> float:
@@ -49,7 +50,7 @@ class LoadReport:
         ]
         for r in self.ranks or [self.to_dict()]:
             lines.append(
-                f"  rank {r['rank']:>3} {r['host']}:{r['local_rank']}  read {r['bytes_read'] / 1e9:7.3f} GB "
+                f"  rank {r['rank']:>3} {r.get('node') or r['host']}:{r['local_rank']}  read {r['bytes_read'] / 1e9:7.3f} GB "
                 f"from {len(r['files'])} file(s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
             )
         if self.missing_keys:
