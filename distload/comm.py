@@ -49,6 +49,21 @@ class Comm(ABC):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         """(all ranks) Fill ``buf`` (contiguous, on ``device``) with ``src``'s bytes."""
 
+    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
+        """(all ranks) Fill each rank's ``buf`` with its segment of ``src``'s ``send``.
+
+        ``buf`` is ``n`` contiguous bytes on ``device`` on every rank; ``send``
+        (``src`` only) is ``world_size * n`` bytes and rank ``r`` receives
+        ``send[r * n : (r + 1) * n]``. Equal segments, as MPI_Scatter and gloo
+        need. This fallback broadcasts everything; transports override it with
+        a real scatter.
+        """
+        n = buf.numel()
+        whole = send if self.rank == src else torch.empty(n * self.world_size, dtype=buf.dtype, device=buf.device)
+        assert whole is not None, "the source rank must pass send"
+        self.broadcast_(whole, src)
+        buf.copy_(whole[self.rank * n : (self.rank + 1) * n])
+
     @abstractmethod
     def failed_ranks(self, failed: bool) -> list[int]:
         """(all ranks) The ranks that passed ``failed=True``. One tiny collective."""
@@ -86,6 +101,10 @@ class LocalComm(Comm):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         return None
 
+    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
+        assert send is not None
+        buf.copy_(send[: buf.numel()])
+
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
 
@@ -118,6 +137,13 @@ class TorchComm(Comm):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         if buf.numel():
             self._dist.broadcast(buf, src=self._global[src], group=self.group)
+
+    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
+        n = buf.numel()
+        if n == 0:
+            return
+        parts = list(send.split(n)) if self.rank == src and send is not None else None
+        self._dist.scatter(buf, parts, src=self._global[src], group=self.group)
 
     def failed_ranks(self, failed: bool) -> list[int]:
         self._status.zero_()

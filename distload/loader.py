@@ -41,6 +41,9 @@ from .place import (
 )
 from .plan import DEFAULT_BUCKET_MB, Chunk, LoadPlan, build_plan
 from .reader import BufferPool, ChunkReader, open_verified
+from .scatter import transfer_sharded
+from .shard_plan import READ_POLICIES
+from .sharded import attach_sharded, local_bytes, sharded_destinations
 from .report import LoadReport, peak_rss_bytes
 
 
@@ -65,6 +68,7 @@ def load_checkpoint(
     process_group=None,
     progress: bool | None = None,
     comm: str = "torch",
+    read_policy: str = "auto",
 ) -> LoadReport:
     """(all ranks) Fill ``model`` from a safetensors checkpoint, reading each file once per job.
 
@@ -86,6 +90,13 @@ def load_checkpoint(
         process_group: the group to load over; default the default group, which
             is created from the torchrun environment if it does not exist yet.
         progress: show a progress bar on rank 0; default when stderr is a terminal.
+        read_policy: how DTensor (FSDP2 / TP) shards are read: ``"scatter"``
+            (each file's owner reads it and sends every rank its piece),
+            ``"slice"`` (each rank reads its own contiguous ``Shard(0)`` piece;
+            other layouts are scattered) or ``"auto"`` (default: slice pieces
+            of at least 1 MiB on local disks, scatter on network or FUSE
+            filesystems). Each byte is read once in every policy; the report's
+            ``read_policy`` says what each tensor got.
 
     Example::
 
@@ -96,7 +107,10 @@ def load_checkpoint(
     """
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype).run()
+    if read_policy not in READ_POLICIES:
+        raise DistLoadError(f"read_policy must be one of {', '.join(READ_POLICIES)}, not {read_policy!r}")
+    return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype,
+                 read_policy=read_policy).run()
 
 
 def load_state_dict(
@@ -151,8 +165,11 @@ class _Load:
     """One load on one rank. ``run`` is collective."""
 
     def __init__(self, comm: Comm, device: torch.device, path, strict: bool, bucket_mb: float,
-                 progress: bool | None, *, model: nn.Module | None, dtype: torch.dtype | None):
+                 progress: bool | None, *, model: nn.Module | None, dtype: torch.dtype | None,
+                 read_policy: str = "auto"):
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
+        self.read_policy = read_policy
+        self.local_bytes = 0
         self.bucket_mb, self.model, self.dtype = bucket_mb, model, dtype
         self.progress = (sys.stderr.isatty() if progress is None else progress) and comm.rank == 0
         self.phase = "start"
@@ -180,6 +197,10 @@ class _Load:
             self.comm.agree("open", error)
             self.phase = "transfer"
             bytes_read, chunks = self._transfer(plan, dests, fds)
+            if plan.sharded is not None:
+                assert dests is not None
+                more_read, more_chunks = transfer_sharded(self.comm, plan, plan.sharded, dests.tensors, fds)
+                bytes_read, chunks = bytes_read + more_read, chunks + more_chunks
             seconds = time.perf_counter() - t0
             self.phase = "finish"
             # The report travels in the one gather this phase needs; a rank that
@@ -246,7 +267,11 @@ class _Load:
                 ckpt = read_checkpoint(self.path, strict=self.strict)
                 match = self._match(ckpt, sig) if self.model is not None else None
                 wanted = set(match.wanted) if match else None
-                plan = build_plan(ckpt, [i for i, _, _ in gathered], bucket_mb=self.bucket_mb, wanted=wanted)
+                plan = attach_sharded(self.model, ckpt, self.comm, [i for i, _, _ in gathered], wanted,
+                                      bucket_mb=self.bucket_mb, read_policy=self.read_policy) \
+                    if self.model is not None else None
+                if plan is None:
+                    plan = build_plan(ckpt, [i for i, _, _ in gathered], bucket_mb=self.bucket_mb, wanted=wanted)
                 result = (plan, match, None)
             except Exception as e:
                 error = e
@@ -293,6 +318,8 @@ class _Load:
         even if a later file fails.
         """
         mine = [i for i, o in enumerate(plan.owners) if o == self.comm.rank]
+        if plan.sharded is not None:  # files this rank reads its own slices from
+            mine += sorted({c.file for c in plan.sharded.slices if c.owner == self.comm.rank} - set(mine))
         if not mine:
             return fds
         root = local_root(self.path)
@@ -310,9 +337,10 @@ class _Load:
                 tensors[name] = torch.empty(shape, dtype=want, device=self.device)
             self.state_dict = tensors
             return Destinations(tensors, {}, lambda: None)
-        dests = materialize(self.model, self.device, self.dtype)
+        dests = sharded_destinations(self.model, self.device, self.dtype, plan, materialize, self.comm.rank)
         for name in self.match.missing:  # strict=False: defined values, reported as missing
             dests.tensors[name].zero_()
+        self.local_bytes = local_bytes(dests.tensors)
         return dests
 
     def _transfer(self, plan: LoadPlan, dests: Destinations, fds: dict[int, int]) -> tuple[int, int]:
@@ -414,8 +442,10 @@ class _Load:
             device=str(self.device),
             files=[f.name for f in plan.files_of(self.comm.rank)],
             bytes_read=bytes_read,
-            total_bytes=plan.total_bytes,
+            total_bytes=plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0),
             seconds=seconds,
+            local_bytes=self.local_bytes,
+            read_policy=dict(plan.sharded.policies) if plan.sharded else {},
             missing_keys=sorted(set(self.match.missing)),
             unexpected_keys=list(self.match.unexpected),
             warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files],

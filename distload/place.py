@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import DistLoadError
+from .dtensor import is_dtensor
 from .plan import Piece
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -123,7 +124,7 @@ def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype
                       replaced: dict[int, nn.Parameter], undo: list) -> None:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or is_dtensor(p):  # DTensors are filled in place (distload.dtensor)
                 continue
             new = replaced.get(id(p))
             if new is None:
@@ -139,7 +140,7 @@ def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype
             undo.append((module, "_parameters", name, p))
             module._parameters[name] = new
         for name, b in list(module._buffers.items()):
-            if b is None:
+            if b is None or is_dtensor(b):
                 continue
             if b.device.type == "meta":
                 new_b = torch.empty(b.shape, dtype=b.dtype, device=device)  # must come from the checkpoint

@@ -10,8 +10,12 @@ broadcast and scatter paths, gloo, NCCL and MPI all share it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .index import Checkpoint, ShardFile
+
+if TYPE_CHECKING:
+    from .shard_plan import ShardPlan
 
 DEFAULT_BUCKET_MB = 64
 
@@ -75,6 +79,7 @@ class LoadPlan:
     warnings: tuple[str, ...] = ()
     dtypes: dict[str, str] = field(default_factory=dict)  # tensor name -> safetensors dtype
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    sharded: ShardPlan | None = None  # DTensor destinations (distload.shard_plan), if any
 
     def files_of(self, rank: int) -> list[ShardFile]:
         return [f for f, o in zip(self.files, self.owners) if o == rank]

@@ -32,6 +32,8 @@ class LoadReport:
     chunks: int = 0  # collectives that carried data
     ranks: list[dict] = field(default_factory=list)
     node: str = ""  # the plan's node key: hostname, plus the launcher's node rank when known
+    local_bytes: int = 0  # bytes of model tensors this rank holds (its shards, plus replicated tensors)
+    read_policy: dict[str, str] = field(default_factory=dict)  # DTensor name -> "scatter" | "slice"
 
     @property
     def gbps(self) -> float:
@@ -52,7 +54,13 @@ class LoadReport:
             lines.append(
                 f"  rank {r['rank']:>3} {r.get('node') or r['host']}:{r['local_rank']}  read {r['bytes_read'] / 1e9:7.3f} GB "
                 f"from {len(r['files'])} file(s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
+                + (f"  local {r['local_bytes'] / 1e9:7.3f} GB" if r.get("local_bytes") else "")
             )
+        if self.read_policy:
+            counts: dict[str, int] = {}
+            for p in self.read_policy.values():
+                counts[p] = counts.get(p, 0) + 1
+            lines.append("  sharded tensors: " + ", ".join(f"{n} by {p}" for p, n in sorted(counts.items())))
         if self.missing_keys:
             lines.append(f"  missing keys ({len(self.missing_keys)}): {', '.join(self.missing_keys[:8])}"
                          + (" ..." if len(self.missing_keys) > 8 else ""))

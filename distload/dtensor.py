@@ -1,0 +1,113 @@
+"""DTensor destinations: finding them, describing their sharding, materializing their local shards.
+
+Runs on every rank, locally (no collectives).
+
+Note on FSDP2:
+    ``fully_shard`` keeps its own references (``FSDPParam``) to the sharded
+    parameters, so replacing ``module._parameters`` entries afterwards would
+    detach the model from FSDP. Instead the model goes through
+    ``nn.Module._apply`` — what ``model.to_empty()`` does — which swaps each
+    DTensor's contents in place (DTensor is a wrapper subclass, so the
+    ``Parameter`` objects keep their identity) and which FSDP2 overrides to
+    re-register its sharded parameters (``reset_sharded_param``). The loader
+    then fills each DTensor's local tensor in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import DistLoadError
+from .shard import Placement, Sharding
+
+
+def is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def has_dtensors(model: nn.Module) -> bool:
+    return any(is_dtensor(v) for v in model.state_dict(keep_vars=True).values())
+
+
+def sharding_of(t, group_rank: Callable[[int], int]) -> Sharding:
+    """A DTensor's mesh and placements as plain data; ``group_rank`` maps global ranks."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = t.device_mesh
+    places = []
+    for p in t.placements:
+        if isinstance(p, _StridedShard):
+            places.append(Placement("strided", p.dim % t.ndim, int(p.split_factor)))
+        elif isinstance(p, Shard):
+            places.append(Placement("shard", p.dim % t.ndim))
+        elif isinstance(p, Replicate):
+            places.append(Placement("replicate"))
+        else:
+            raise DistLoadError(f"cannot load into a DTensor with placement {p}: only Shard and Replicate "
+                                "hold checkpoint values")
+    ranks = tuple(group_rank(int(r)) for r in mesh.mesh.flatten().tolist())
+    return Sharding(ranks, tuple(mesh.mesh.shape), tuple(places))
+
+
+def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
+    """(coordinator) Every DTensor parameter or buffer of ``model``, by state-dict name."""
+    import torch.distributed as dist
+
+    def group_rank(g: int) -> int:
+        if group is None or not dist.is_initialized():
+            return g
+        r = dist.get_group_rank(group, g)
+        if r < 0:
+            raise DistLoadError(f"a DTensor's mesh holds global rank {g}, which is not in the load's process group")
+        return r
+
+    return {k: sharding_of(v, group_rank) for k, v in model.state_dict(keep_vars=True).items() if is_dtensor(v)}
+
+
+@dataclass
+class LocalShards:
+    """This rank's local tensor for every DTensor state-dict name (tied names share one)."""
+
+    tensors: dict[str, torch.Tensor]
+    restore: Callable[[], None]
+
+
+def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> LocalShards:
+    """(every rank) Give meta DTensors real local memory on ``device``, keeping their identity.
+
+    ``dtype`` casts floating-point DTensor parameters, like the replicated path.
+    Plain tensors are left to :func:`distload.place.materialize`.
+    """
+    params = {id(p) for p in model.parameters()}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if not (is_dtensor(t) and t.is_meta):
+            return t
+        want = dtype if (dtype is not None and id(t) in params and t.is_floating_point()) else t.dtype
+        return torch.empty_like(t, device=device, dtype=want)
+
+    with torch.no_grad():
+        model._apply(empty)
+
+    def restore() -> None:
+        with torch.no_grad():
+            model._apply(lambda t: torch.empty_like(t, device="meta") if is_dtensor(t) else t)
+
+    tensors = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if is_dtensor(v):
+            local = v._local_tensor
+            if not local.is_contiguous() or local.device != device:
+                raise DistLoadError(f"{k}: the local shard is not a contiguous tensor on {device} "
+                                    f"(device {local.device}); build the mesh on the load's device type")
+            tensors[k] = local
+    return LocalShards(tensors, restore)
