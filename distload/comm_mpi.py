@@ -4,7 +4,8 @@ and for jobs that already run inside MPI.
 Selected with ``load_checkpoint(..., comm="mpi")`` or ``--comm mpi``. The plan,
 reader and placement code are the same as with torch.distributed; only the
 bytes travel differently: ``MPI_Bcast`` of host buffers, pickled objects for
-the plan and reports, and an ``MPI_Allreduce`` for error agreement.
+the plan and reports, ``MPI_Scatter`` of equal segments for DTensor shards,
+and an ``MPI_Allreduce`` for error agreement.
 
 Note:
     MPI collectives have no timeout, so a rank that dies outright usually
@@ -74,6 +75,19 @@ class MpiComm(Comm):
         for off in range(0, len(view), _MAX_BYTES):
             part = view[off : off + _MAX_BYTES]
             self._comm.Bcast([part, len(part), self._MPI.BYTE], root=src)
+
+    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
+        """(all ranks) ``MPI_Scatter`` of equal byte segments of ``src``'s ``send`` into each ``buf``."""
+        n = buf.numel() * buf.element_size()
+        if n == 0:
+            return
+        recv = [host_bytes(buf), n, self._MPI.BYTE]
+        if self.rank == src:
+            if send is None or send.numel() * send.element_size() < n * self.world_size:
+                raise DistLoadError(f"scatter source needs {n * self.world_size} bytes to send")
+            self._comm.Scatter([host_bytes(send)[: n * self.world_size], n, self._MPI.BYTE], recv, root=src)
+        else:
+            self._comm.Scatter(None, recv, root=src)
 
     def failed_ranks(self, failed: bool) -> list[int]:
         status = torch.zeros(self.world_size, dtype=torch.int32)
