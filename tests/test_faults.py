@@ -1,0 +1,219 @@
+"""Faults injected into real multi-process loads: every surviving rank raises, naming the rank at fault, fast.
+
+Read and placement faults are injected by monkeypatching inside the child
+process (no test hooks in distload). Dead and hung ranks run under
+``torchrun --standalone`` (free ports), through the real CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distload
+from ckpt import write_sized
+from dist import run_world
+
+HERE = Path(__file__).parent
+SIZES_KIB = [64, 48, 32, 16]  # four files, so every rank of a world of up to 4 owns one
+BUCKET_MB = 0.01  # ~10 KiB chunks: many collectives per file, so faults land mid-load
+WITHIN_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory) -> Path:
+    return write_sized(tmp_path_factory.mktemp("faults") / "ckpt", SIZES_KIB)
+
+
+def _outcome(e: BaseException, rank: int) -> dict:
+    rec = {"kind": type(e).__name__, "message": str(e)}
+    if isinstance(e, distload.DistLoadError):
+        cause = e.__cause__
+        rec.update(phase=e.phase, failures=e.failures, agreed=e.agreed,
+                   tracebacks=sorted(e.tracebacks),
+                   cause=type(cause).__name__ if cause is not None else None,
+                   cause_traceback=cause is not None and cause.__traceback__ is not None)
+    return rec
+
+
+class _Sized(nn.Module):
+    """A model with the tensors of ``write_sized(SIZES_KIB)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i, kib in enumerate(SIZES_KIB):
+            layer = nn.Module()
+            layer.weight = nn.Parameter(torch.empty(kib, 256))
+            layer.bias = nn.Parameter(torch.empty(5))
+            setattr(self, f"layer{i}", layer)
+
+
+def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
+    """(every rank) Load; ``bad_rank``'s second chunk read fails with EIO."""
+    import distload.reader
+
+    if rank == bad_rank:
+        real, calls = distload.reader.read_exact, [0]
+
+        def failing(fd, buf, offset, name):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            return real(fd, buf, offset, name)
+
+        distload.reader.read_exact = failing
+    t0 = time.monotonic()
+    try:
+        distload.load_state_dict(path, bucket_mb=BUCKET_MB)
+        return {"kind": "ok"}
+    except Exception as e:
+        return {**_outcome(e, rank), "seconds": time.monotonic() - t0}
+
+
+@pytest.mark.parametrize("world,bad_rank", [(2, 1), (3, 2), (4, 1)])
+def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_rank):
+    t0 = time.monotonic()
+    results = run_world(_read_fails_on, world, str(sized), bad_rank, timeout=WITHIN_S)
+    assert time.monotonic() - t0 < WITHIN_S
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert rec["phase"] == "transfer" and rec["agreed"]
+        assert list(rec["failures"]) == [bad_rank]
+        assert f"rank(s) {bad_rank}:" in rec["message"]
+        assert "Input/output error (injected)" in rec["message"]
+        assert ".safetensors bytes" in rec["message"], "the error names the file and byte range"
+        assert rec["tracebacks"] == [bad_rank]
+    assert len({rec["message"] for rec in results}) == 1
+    bad = results[bad_rank]
+    assert bad["cause"] == "OSError" and bad["cause_traceback"], "the original exception is the cause"
+    assert all(rec["cause"] is None for r, rec in enumerate(results) if r != bad_rank)
+
+
+def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:
+    """(every rank) Load into a model with a cast; the last rank's third placement raises."""
+    import distload.loader
+
+    if rank == world - 1:
+        real, calls = distload.loader.write_piece, [0]
+
+        def failing(dest, piece, src, st_dtype):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected placement failure")
+            return real(dest, piece, src, st_dtype)
+
+        distload.loader.write_piece = failing
+    with distload.empty_init():
+        model = _Sized()
+    try:
+        distload.load_checkpoint(model, path, dtype=torch.bfloat16, bucket_mb=BUCKET_MB)
+        rec = {"kind": "ok"}
+    except Exception as e:
+        rec = _outcome(e, rank)
+    rec["all_meta"] = all(p.is_meta for p in model.parameters())
+    return rec
+
+
+def test_a_placement_error_on_the_last_rank_fails_every_rank_and_leaves_models_on_meta(sized):
+    t0 = time.monotonic()
+    results = run_world(_placement_fails_on_last, 2, str(sized), timeout=WITHIN_S)
+    assert time.monotonic() - t0 < WITHIN_S
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert rec["phase"] == "transfer" and list(rec["failures"]) == [1]
+        assert "injected placement failure" in rec["message"]
+        assert "placing 'layer" in rec["message"], "the error names the key"
+        assert rec["all_meta"], f"rank {r}: a failed load must not leave a usable-looking model"
+    assert results[1]["cause"] == "RuntimeError" and results[1]["cause_traceback"]
+
+
+def _own_path(rank: int, world: int, paths: list[str]) -> dict:
+    """(every rank) Load from this rank's own path, as with node-local storage."""
+    try:
+        distload.load_state_dict(paths[rank], bucket_mb=BUCKET_MB)
+        return {"kind": "ok"}
+    except Exception as e:
+        return _outcome(e, rank)
+
+
+def test_a_file_missing_on_one_node_fails_every_rank_naming_that_rank(sized, tmp_path):
+    # Rank 1's "node" has the index but none of the shards.
+    partial = tmp_path / "node1"
+    partial.mkdir()
+    shutil.copy(sized / "model.safetensors.index.json", partial)
+    results = run_world(_own_path, 2, [str(sized), str(partial)], timeout=WITHIN_S)
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert rec["phase"] == "open" and list(rec["failures"]) == [1]
+        assert f"missing file {partial}" in rec["message"]
+
+
+def test_a_shard_that_differs_on_one_node_fails_every_rank(sized, tmp_path):
+    # Same names and sizes, different header: rank 0 planned with other bytes.
+    other = tmp_path / "node1"
+    shutil.copytree(sized, other)
+    for f in sorted(other.glob("*.safetensors")):
+        raw = bytearray(f.read_bytes())
+        at = raw.index(b'"F32"')
+        raw[at : at + 5] = b'"I32"'
+        f.write_bytes(bytes(raw))
+    results = run_world(_own_path, 2, [str(sized), str(other)], timeout=WITHIN_S)
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert list(rec["failures"]) == [1] and "differs from the one rank 0 planned with" in rec["message"]
+
+
+def test_a_failed_load_can_be_retried_on_the_same_model(sized, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sized, broken)
+    last = sorted(broken.glob("*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-4])
+    with distload.empty_init():
+        model = _Sized()
+    with pytest.raises(distload.DistLoadError, match="truncated"):
+        distload.load_checkpoint(model, broken)
+    assert all(p.is_meta for p in model.parameters())
+    distload.load_checkpoint(model, sized)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def _torchrun(ckpt: Path, nproc: int, fault_rank: int, fault: str, *cli: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(HERE / "fault_worker.py"), str(ckpt), "--fault-rank", str(fault_rank), "--fault", fault,
+           "--", "--bucket-mb", str(BUCKET_MB), *cli]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WITHIN_S + 30, env=env)
+    return proc, time.monotonic() - t0
+
+
+def test_a_rank_killed_mid_load_under_torchrun_ends_the_job_nonzero_quickly(sized):
+    proc, seconds = _torchrun(sized, 2, 1, "kill", "--timeout-s", "30")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert seconds < WITHIN_S
+    assert "rank 1 kills itself now" in out
+    # The survivor raises a clear error naming the phase ...
+    assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
+    assert "did another rank die or time out?" in out
+    # ... and torchrun names the dead rank and its signal.
+    assert "rank      : 1" in out and "exitcode  : -9" in out
+
+
+def test_a_rank_hung_mid_load_under_torchrun_ends_the_job_after_timeout_s(sized):
+    proc, seconds = _torchrun(sized, 2, 1, "hang", "--timeout-s", "5")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert seconds < WITHIN_S
+    assert "rank 1 hangs itself now" in out
+    assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
