@@ -12,6 +12,7 @@ same order, which the shared plan guarantees.
 
 from __future__ import annotations
 
+import time
 import traceback
 from abc import ABC, abstractmethod
 from typing import Any
@@ -85,6 +86,16 @@ class Comm(ABC):
         tracebacks = {r: m[1] for r, m in enumerate(got) if m is not None}
         raise DistLoadError.from_failures(phase, failures, tracebacks) from error
 
+    def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
+        """(surviving ranks, after a collective broke) Ranks that did not check in within ``wait_s``.
+
+        Not a collective: the group is broken, so this goes through a side
+        channel when the transport has one, naming the rank that died or hung.
+        ``tag`` must be the same on every rank and unique per load. ``None``
+        when the transport cannot tell.
+        """
+        return None
+
 
 class LocalComm(Comm):
     """A single process: nothing to exchange."""
@@ -128,6 +139,25 @@ class TorchComm(Comm):
         out: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
+        """Check in through the group's key-value store (torchrun's agent store
+        outlives dead workers) and list the ranks that did not within ``wait_s``."""
+        try:
+            from torch.distributed import distributed_c10d as c10d
+
+            group = self.group if self.group is not None else c10d._get_default_group()
+            store = c10d._world.pg_map[group][1]
+            keys = [f"distload/alive/{tag}/{r}" for r in range(self.world_size)]
+            store.set(keys[self.rank], "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                silent = [r for r, k in enumerate(keys) if not store.check([k])]
+                if not silent or time.monotonic() >= deadline:
+                    return silent
+                time.sleep(0.05)
+        except Exception:  # the store may be gone too (its host died): nothing to add
+            return None
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]

@@ -15,6 +15,7 @@ Note on failure handling:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -45,6 +46,11 @@ from .scatter import transfer_sharded
 from .shard_plan import READ_POLICIES
 from .sharded import attach_sharded, local_bytes, sharded_destinations
 from .report import LoadReport, peak_rss_bytes
+
+
+# How long a survivor of a timed-out collective waits for the others to check in.
+SILENT_WAIT_S = 3.0
+_LOAD_SEQ = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class _Load:
         self.bucket_mb, self.model, self.dtype = bucket_mb, model, dtype
         self.progress = (sys.stderr.isatty() if progress is None else progress) and comm.rank == 0
         self.phase = "start"
+        self.seq = next(_LOAD_SEQ)  # the same on every rank: all run the same loads in order
         self.state_dict: dict[str, torch.Tensor] = {}
         self.match = _Match(frozenset(), (), ())
 
@@ -225,10 +232,7 @@ class _Load:
         except DistLoadError:
             raise
         except Exception as e:  # a collective broke: a peer died, timed out or diverged
-            raise DistLoadError(
-                f"distload {self.phase} failed on rank {self.comm.rank}: {describe(e)}"
-                " (did another rank die or time out?)", phase=self.phase, failures={self.comm.rank: describe(e)},
-            ) from e
+            raise self._broken(e) from e
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -236,6 +240,26 @@ class _Load:
                 self.state_dict = {}
                 if dests is not None:
                     dests.restore()
+
+    def _broken(self, e: Exception) -> DistLoadError:
+        """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
+
+        A timeout means some rank stopped answering: check in through the
+        store for a few seconds and name the ranks that did not. A dead peer
+        (connection reset) is reported at once: the launcher names it, and
+        torchrun stops the survivors within moments of the death.
+        """
+        text = describe(e)
+        failures = {self.comm.rank: text}
+        hint = " (did another rank die or time out?)"
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            silent = self.comm.silent_ranks(f"{restart}.{self.seq}", SILENT_WAIT_S)
+            if silent:
+                hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
+                failures.update({r: "did not respond" for r in silent})
+        return DistLoadError(f"distload {self.phase} failed on rank {self.comm.rank}: {text}{hint}",
+                             phase=self.phase, failures=failures)
 
     def make_plan(self) -> LoadPlan:
         """(all ranks) Exchange rank info; rank 0 validates and plans; all receive the plan."""

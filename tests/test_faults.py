@@ -217,3 +217,4 @@ def test_a_rank_hung_mid_load_under_torchrun_ends_the_job_after_timeout_s(sized)
     assert seconds < WITHIN_S
     assert "rank 1 hangs itself now" in out
     assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
+    assert "Timed out" in out and "rank(s) 1 did not respond (hung or dead)" in out, "the survivor names the hung rank"
