@@ -89,7 +89,11 @@ def load_checkpoint(
         strict: raise on missing or unexpected keys; otherwise report them
             (missing parameters are zero-filled).
         bucket_mb: size of the coalescing buckets and of each transfer.
-        timeout_s: collective timeout when distload creates the process group.
+        timeout_s: collective timeout when distload creates the process group
+            (a rank that stops answering fails the load after this long). A
+            group you created keeps its own timeout: pass
+            ``dist.new_group(timeout=...)`` as ``process_group`` to bound the
+            load differently from training.
         comm: the transport: ``"torch"`` (torch.distributed, default) or
             ``"mpi"`` (mpi4py; ``process_group`` is then an MPI communicator,
             default ``COMM_WORLD``). Both follow the same plan.
