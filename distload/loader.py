@@ -87,7 +87,7 @@ def load_checkpoint(
         device: ``"cpu"`` (default) or ``"cuda"`` (this rank's GPU from ``LOCAL_RANK``).
         dtype: cast floating-point parameters to this dtype (e.g. ``torch.bfloat16``).
         strict: raise on missing or unexpected keys; otherwise report them
-            (missing parameters are zero-filled).
+            (missing meta parameters are zero-filled; real ones keep their values).
         bucket_mb: size of the coalescing buckets and of each transfer.
         timeout_s: collective timeout when distload creates the process group
             (a rank that stops answering fails the load after this long). A
@@ -365,9 +365,11 @@ class _Load:
                 tensors[name] = torch.empty(shape, dtype=want, device=self.device)
             self.state_dict = tensors
             return Destinations(tensors, {}, lambda: None)
+        was_meta = {k for k, v in self.model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
         dests = sharded_destinations(self.model, self.device, self.dtype, plan, materialize, self.comm.rank)
-        for name in self.match.missing:  # strict=False: defined values, reported as missing
-            dests.tensors[name].zero_()
+        for name in self.match.missing:  # strict=False: reported as missing
+            if name in was_meta:  # defined values; real tensors (computed buffers) keep theirs
+                dests.tensors[name].zero_()
         self.local_bytes = local_bytes(dests.tensors)
         return dests
 
