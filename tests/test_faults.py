@@ -218,3 +218,38 @@ def test_a_rank_hung_mid_load_under_torchrun_ends_the_job_after_timeout_s(sized)
     assert "rank 1 hangs itself now" in out
     assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
     assert "Timed out" in out and "rank(s) 1 did not respond (hung or dead)" in out, "the survivor names the hung rank"
+
+
+def _hang_on_a_dedicated_group(rank: int, world: int, path: str) -> dict:
+    """(every rank) Load over ``dist.new_group(timeout=3s)``; rank 1 stalls its reads for 12 s."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import distload.reader
+
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
+    if rank == 1:
+        real = distload.reader.read_exact
+
+        def stalled(*a, **kw):
+            time.sleep(12)
+            return real(*a, **kw)
+
+        distload.reader.read_exact = stalled
+    t0 = time.monotonic()
+    try:
+        distload.load_state_dict(path, bucket_mb=BUCKET_MB, process_group=group)
+        rec = {"kind": "ok"}
+    except Exception as e:
+        rec = _outcome(e, rank)
+    rec["seconds"] = time.monotonic() - t0
+    return rec
+
+
+def test_a_dedicated_group_timeout_bounds_the_load_and_names_the_stalled_rank(sized):
+    rank0, rank1 = run_world(_hang_on_a_dedicated_group, 2, str(sized), timeout=WITHIN_S)
+    assert rank0["kind"] == "DistLoadError" and rank0["phase"] == "transfer"
+    assert "rank(s) 1 did not respond" in rank0["message"] and 1 in rank0["failures"]
+    assert rank0["seconds"] < 11, "the group's 3 s timeout (plus a 3 s check-in) bounds the wait, not the stall"
+    assert rank1["kind"] == "DistLoadError"
