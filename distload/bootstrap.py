@@ -149,6 +149,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
     env = os.environ if env is None else env
     addr = env.get("MASTER_ADDR") or None
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").isdigit() else None
+    if "RANK" not in env and env.get("WORLD_SIZE", "").strip() == "1":
+        return None  # some schedulers export WORLD_SIZE=1 alone: a single process
     if "RANK" in env or "WORLD_SIZE" in env:
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
         if missing:

@@ -47,6 +47,10 @@ def test_world_size_without_rank_is_a_clear_error():
         detect_launch({"WORLD_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "1"})
 
 
+def test_a_lone_world_size_of_one_is_a_single_process():
+    assert detect_launch({"WORLD_SIZE": "1"}) is None
+
+
 def test_torchrun_inside_srun_wins_over_slurm():
     env = dict(SLURM_TASK, RANK="6", WORLD_SIZE="16", LOCAL_RANK="2", MASTER_ADDR="gpu007", MASTER_PORT="15000")
     assert detect_launch(env) == LaunchEnv("torchrun", 6, 16, 2, "gpu007", 15000)
