@@ -1,5 +1,9 @@
 """Command line: ``torchrun --nproc_per_node N -m distload.load CKPT`` (or plain python for one process).
 
+``srun python -m distload.load`` and ``mpiexec -n N python -m distload.load``
+work the same way (see :func:`distload.init_distributed`); ``--comm mpi`` moves
+the bytes over MPI instead of torch.distributed.
+
 Every rank runs this module; rank 0 prints the summary. Exit status 0 means
 the model (or state dict) loaded completely on every rank.
 """

@@ -98,7 +98,8 @@ def load_checkpoint(
             ``"mpi"`` (mpi4py; ``process_group`` is then an MPI communicator,
             default ``COMM_WORLD``). Both follow the same plan.
         process_group: the group to load over; default the default group, which
-            is created from the torchrun environment if it does not exist yet.
+            is created (:func:`distload.init_distributed`) from the torchrun,
+            SLURM ``srun`` or ``mpiexec`` environment if it does not exist yet.
         progress: show a progress bar on rank 0; default when stderr is a terminal.
         read_policy: how DTensor (FSDP2 / TP) shards are read: ``"scatter"``
             (each file's owner reads it and sends every rank its piece),
