@@ -59,8 +59,7 @@ class MpiComm(Comm):
         self._comm = communicator if communicator is not None else MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
-        self.device = torch.device("cpu")
-        self.target_device = device
+        self.device = torch.device("cpu")  # whatever the load's device: MPI moves host memory
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
