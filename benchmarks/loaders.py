@@ -12,6 +12,7 @@ holds its Shard(0) pieces).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -36,9 +37,16 @@ class Ctx:
     mode: str  # "replicated" | "fsdp"
     path: Path  # this rank's view of the checkpoint directory
     device: torch.device
-    config: Any = None  # transformers LlamaConfig
+    ckpt: Path | None = None  # where config.json is read (the local copy, untimed)
     mesh: Any = None  # DeviceMesh in fsdp mode
     extra: dict = field(default_factory=dict)  # loader facts for the report (bytes read, policy ...)
+
+    @functools.cached_property
+    def config(self) -> Any:
+        """The transformers LlamaConfig; imported only by loaders that build a model."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig.from_pretrained(self.ckpt or self.path)
 
     @property
     def files(self) -> list[Path]:

@@ -36,10 +36,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    from transformers import LlamaConfig
-
-    path = _view(args, rank)
-    ctx = Ctx(rank, world, args.mode, path, device, LlamaConfig.from_pretrained(args.ckpt))
+    ctx = Ctx(rank, world, args.mode, _view(args, rank), device, Path(args.ckpt))
     if args.read_policy:
         ctx.extra["read_policy"] = args.read_policy
     if args.mode == "fsdp":
