@@ -172,3 +172,29 @@ def test_unknown_transport_is_a_clear_error():
 
     with pytest.raises(DistLoadError, match="comm must be one of"):
         bootstrap.make_comm(torch.device("cpu"), kind="nccl2")
+
+
+def test_ranks_on_one_host_with_two_node_keys_are_planned_as_two_nodes(tmp_path):
+    """The multi-node emulation: same hostname, two torchrun agents -> files on both 'nodes'."""
+    from ckpt import write_synthetic
+    from distload.index import read_checkpoint
+    from distload.plan import RankInfo, build_plan
+
+    ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
+    ranks = [RankInfo(r, "vm", r % 2, node=f"vm/{r // 2}") for r in range(4)]
+    plan = build_plan(ckpt, ranks)
+    node_of = {r.rank: r.node for r in ranks}
+    assert {node_of[o] for o in plan.owners} == {"vm/0", "vm/1"}
+    assert "on vm/1" in plan.describe() and "(node vm/0, local rank 1)" in plan.describe()
+
+
+def test_without_node_keys_ranks_on_one_host_form_one_node(tmp_path):
+    from ckpt import write_synthetic
+    from distload.index import read_checkpoint
+    from distload.plan import RankInfo, assign_files
+
+    ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
+    one_host = assign_files(ckpt.files, [RankInfo(r, "vm", r) for r in range(4)])
+    two_hosts = assign_files(ckpt.files, [RankInfo(r, f"h{r // 2}", r % 2) for r in range(4)])
+    assert one_host == assign_files(ckpt.files, [RankInfo(r, "vm", r, node="vm") for r in range(4)])
+    assert {o // 2 for o in two_hosts} == {0, 1}

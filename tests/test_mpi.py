@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt import write_synthetic
-from launch_env import CLI_CHECK, clean_env, rank_results, venv_tool
+from launch_env import CLI_CHECK, TESTS, clean_env, rank_results, venv_tool
 
 pytestmark = pytest.mark.mpi
 
@@ -61,3 +61,18 @@ def test_torch_distributed_bootstrapped_from_mpiexec_loads_bit_for_bit(ckpt, tmp
     proc = _mpiexec(world, ckpt, tmp_path / "out", "--comm", "torch")
     _assert_loaded_everywhere(proc, tmp_path / "out", world)
 
+
+
+def test_mpi_collectives_broadcast_scatter_and_agree_on_errors(tmp_path):
+    """MpiComm alone, 3 ranks: objects, any-dtype broadcasts, a real scatter, and error agreement."""
+    _require_mpi()
+    proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(TESTS / "mpi_comm_check.py"), str(tmp_path)],
+                          env=clean_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for r, seen in enumerate(rank_results(tmp_path, 3)):
+        assert seen["gathered"] == [{"r": 0}, {"r": 1}, {"r": 2}]
+        assert seen["object"] == ["plan", 3]
+        assert seen["bcast"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 3.5]
+        assert seen["scatter"] == list(range(5 * r, 5 * r + 5)), "each rank gets its own segment"
+        assert seen["failed_none"] == [] and seen["failed"] == [0, 2]
+        assert seen["agreed"] == {"failures": {"2": "OSError: disk gone on rank 2"}, "phase": "transfer"}

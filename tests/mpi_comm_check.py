@@ -1,0 +1,47 @@
+"""Every MpiComm collective on a real MPI world; run as ``mpiexec -n N python tests/mpi_comm_check.py OUT_DIR``.
+
+Each rank writes ``OUT_DIR/rank<r>.json`` with what it saw, for the test to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from distload import DistLoadError
+from distload.comm_mpi import MpiComm
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    c = MpiComm(torch.device("cpu"))
+    r, w = c.rank, c.world_size
+    seen: dict = {"rank": r, "world": w}
+    seen["gathered"] = c.all_gather_object({"r": r})
+    seen["object"] = c.broadcast_object(("plan", w) if r == w - 1 else None, src=w - 1)
+    # bf16 and a 0-d tensor: broadcast works on any dtype's bytes
+    b = torch.arange(7, dtype=torch.bfloat16) if r == 0 else torch.zeros(7, dtype=torch.bfloat16)
+    c.broadcast_(b, 0)
+    s = torch.tensor(3.5) if r == 1 else torch.tensor(0.0)
+    c.broadcast_(s, 1)
+    seen["bcast"] = b.tolist() + [s.item()]
+    n = 5
+    send = torch.arange(n * w, dtype=torch.uint8) if r == 1 else None
+    got = torch.empty(n, dtype=torch.uint8)
+    c.scatter_(got, 1, send)
+    seen["scatter"] = got.tolist()
+    seen["failed_none"] = c.failed_ranks(False)
+    seen["failed"] = c.failed_ranks(r in (0, w - 1))
+    try:
+        c.agree("transfer", OSError(f"disk gone on rank {r}") if r == w - 1 else None)
+        seen["agreed"] = None
+    except DistLoadError as e:
+        seen["agreed"] = {"failures": {str(k): v for k, v in e.failures.items()}, "phase": e.phase}
+    (out / f"rank{r}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()
