@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import DistLoadError
 from .index import Checkpoint, ShardFile
 
 if TYPE_CHECKING:
@@ -198,6 +199,8 @@ def build_plan(
     """(coordinator) Assign files to ranks and lay out the chunk schedule."""
     if not ranks:
         ranks = [RankInfo(0, "localhost", 0)]
+    if not bucket_mb > 0:  # also refuses NaN
+        raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
     # A multiple of 64 keeps every segment boundary element-aligned for any dtype.
     bucket_bytes = max(64, int(bucket_mb * (1 << 20)) // 64 * 64)
     owners = assign_files(ckpt.files, ranks)

@@ -292,3 +292,11 @@ def test_build_plan_wanted_subset_and_warnings_travel():
     assert plan.total_bytes == 500
     assert plan.missing_in_files == ("ghost",) and plan.warnings == ("stale total_size",)
     assert plan.ranks == tuple(ranks(2))
+
+
+@pytest.mark.parametrize("mb", [0, -1, float("nan")])
+def test_bucket_size_must_be_positive(mb):
+    from distload import DistLoadError
+
+    with pytest.raises(DistLoadError, match="bucket_mb"):
+        build_plan(Checkpoint("/ck", (shard("f", [10]),)), ranks(1), bucket_mb=mb)
