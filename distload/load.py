@@ -90,6 +90,8 @@ def build_hf_model(root: Path) -> nn.Module:
         import transformers
     except ImportError:
         raise DistLoadError("--model hf needs transformers: pip install 'distload[hf]'") from None
+    if not (root / "config.json").is_file():
+        raise DistLoadError(f"--model hf needs a config.json in {root}; use --model none for a state dict")
     config = transformers.AutoConfig.from_pretrained(root)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or not e.agreed:
             one_line = " | ".join(line.strip() for line in str(e).splitlines())
             print(f"distload: error (rank {rank}): {one_line}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a factory, transformers or the report file: still one line, non-zero
+        one_line = " | ".join(line.strip() for line in str(e).splitlines())
+        print(f"distload: error (rank {_rank()}): {type(e).__name__}: {one_line}", file=sys.stderr)
         return 1
     finally:
         _shutdown()
