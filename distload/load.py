@@ -22,8 +22,9 @@ from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
 from .loader import load_state_dict_with_report
-from .bootstrap import COMMS, DEFAULT_TIMEOUT_S
+from .bootstrap import COMMS, DEFAULT_TIMEOUT_S, resolve_device
 from .plan import DEFAULT_BUCKET_MB
+from .shard_plan import READ_POLICIES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -48,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transport: torch (torch.distributed, set up from torchrun, srun or mpiexec; default) "
                         "or mpi (mpi4py, for CPU clusters without NCCL or jobs already inside MPI)")
     p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
+    p.add_argument("--mode", default="replicated", choices=("replicated", "fsdp"),
+                   help="replicated (default): every rank gets the whole model; fsdp: fully_shard each "
+                        "transformer block and the root (FSDP2), then load only each rank's shards")
+    p.add_argument("--read-policy", default="auto", choices=READ_POLICIES,
+                   help="--mode fsdp: scatter (owner reads, sends each rank its piece), slice (each rank reads "
+                        "its own Shard(0) rows) or auto (slice on local disks, scatter on network filesystems)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (file -> rank) and read no tensor data")
     p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -124,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(plan.describe())
             return 0
         model = build_model(args.model, args.path)
+        if args.mode == "fsdp":
+            if model is None:
+                raise DistLoadError("--mode fsdp needs a model (--model hf or pkg.module:factory)")
+            from .fsdp import fully_shard_blocks
+
+            fully_shard_blocks(model, resolve_device(args.device), args.timeout_s)
         dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
             hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
         common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             _, report = load_state_dict_with_report(args.path, **common)
         else:
-            report = load_checkpoint(model, args.path, strict=args.strict, **common)
+            report = load_checkpoint(model, args.path, strict=args.strict, read_policy=args.read_policy, **common)
             still_meta = [n for n, p in model.named_parameters() if p.is_meta]
             if still_meta:
                 raise DistLoadError(f"parameters left on meta after the load: {still_meta[:5]}")

@@ -159,18 +159,15 @@ def test_training_step_after_fsdp2_load_matches_an_unsharded_step(odd):
 
 
 def _llama_logits(rank, world, path):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, LlamaForCausalLM
+
+    from distload.fsdp import fully_shard_blocks
 
     out = {}
     for policy in ("scatter", "slice"):
         with distload.empty_init():
             model = LlamaForCausalLM(AutoConfig.from_pretrained(path))
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        fully_shard_blocks(model, "cpu")  # what `--mode fsdp` does: each decoder layer, then the root
         report = distload.load_checkpoint(model, path, bucket_mb=0.01, read_policy=policy)
         ids = torch.arange(12).reshape(2, 6) * 7 % 1000
         with torch.no_grad():
@@ -191,6 +188,18 @@ def test_tiny_llama_loaded_sharded_gives_the_same_logits_as_from_pretrained(tmp_
         for policy, (logits, report) in res.items():
             torch.testing.assert_close(logits, want, rtol=0, atol=0, msg=policy)
             assert report["local_bytes"] < full * 0.75, policy
+
+
+def test_cli_fsdp_mode_finds_the_llama_decoder_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distload.fsdp import transformer_blocks
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=50, head_dim=8)
+    with distload.empty_init():
+        model = LlamaForCausalLM(cfg)
+    assert transformer_blocks(model) is model.model.layers
 
 
 # ---- memory ------------------------------------------------------------------
