@@ -467,6 +467,7 @@ def test_report_warns_on_stale_total_size(tmp_path):
 RCHAR_SLACK = 4096  # reading /proc/self/io itself (~100 bytes per read) and nothing else
 
 
+@pytest.mark.skipif(not os.access("/proc/self/io", os.R_OK), reason="needs Linux /proc/self/io")
 @pytest.mark.parametrize("world,sizes", [(3, [400, 300, 200, 100, 64]), (4, [256, 128, 64])])
 def test_each_rank_reads_only_its_files(world, sizes, tmp_path):
     """The report's files/bytes match the plan; /proc/self/io rchar and os.open agree.
@@ -514,3 +515,31 @@ def test_each_rank_reads_only_its_files(world, sizes, tmp_path):
     # the extra rank of world 4 over 3 files never touched a data file
     if world > len(sizes):
         assert results[-1]["report"]["files"] == [] and results[-1]["delta"] <= RCHAR_SLACK
+
+
+def test_index_key_missing_from_its_file(tmp_path):
+    """An index entry its file lacks: strict names file and key; lenient reports it as missing."""
+    ck = write_sized(tmp_path / "ck", [8, 4])
+    idx = ck / "model.safetensors.index.json"
+    doc = json.loads(idx.read_text())
+    doc["weight_map"]["ghost.weight"] = "model-00002-of-00002.safetensors"
+    idx.write_text(json.dumps(doc))
+    ref = ref_tensors(ck)
+    ref.pop("ghost.weight", None)
+    spec = spec_of(ref)
+    spec["ghost.weight"] = ((3,), torch.float32)
+
+    with distload.empty_init():
+        m = StateModule(spec)
+    with pytest.raises(distload.DistLoadError) as exc:
+        distload.load_checkpoint(m, ck, strict=True)
+    assert "ghost.weight" in str(exc.value) and "model-00002-of-00002.safetensors" in str(exc.value)
+
+    with distload.empty_init():
+        m = StateModule(spec)
+    rep = distload.load_checkpoint(m, ck, strict=False)
+    assert rep.missing_keys == ["ghost.weight"] and rep.unexpected_keys == []
+    assert any("ghost.weight" in w for w in rep.warnings)
+    sd = m.state_dict()
+    assert torch.equal(sd.pop("ghost.weight"), torch.zeros(3))
+    assert_bit_identical(sd, ref, "lenient ghost")
