@@ -59,15 +59,18 @@ def transfer_sharded(comm: Comm, plan: LoadPlan, sp: ShardPlan, dests: dict[str,
                     error = e
             if comm.failed_ranks(error is not None):
                 comm.raise_agreed("transfer", error)
-            recv = recv_pool.acquire(chunk.seg_bytes)
+            target = _landing(chunk, rank, dests, plan, device)
+            recv = target if target is not None else recv_pool.acquire(chunk.seg_bytes)
             try:
                 comm.scatter_(recv, chunk.owner, send)
-                for part in chunk.parts[rank]:
-                    write_piece(dests[part.name], part.piece, recv, plan.dtypes[part.name])
+                if target is None:
+                    for part in chunk.parts[rank]:
+                        write_piece(dests[part.name], part.piece, recv, plan.dtypes[part.name])
             except Exception as e:
                 error = e
             finally:
-                recv_pool.release(recv)
+                if target is None:
+                    recv_pool.release(recv)
                 if send is not None:
                     send_pool.release(send)
         if error is None:
@@ -86,6 +89,23 @@ def transfer_sharded(comm: Comm, plan: LoadPlan, sp: ShardPlan, dests: dict[str,
         slicer.close()
         reader.close()
     return reader.bytes_read + slicer.bytes_read, len(scatters)
+
+
+def _landing(chunk: ScatterChunk, rank: int, dests: dict[str, torch.Tensor], plan: LoadPlan,
+             device: torch.device) -> torch.Tensor | None:
+    """The local shard's own memory when this rank's whole segment is one piece needing no cast.
+
+    That is the common FSDP case (a full-size ``Shard(0)`` row block), and it
+    saves receivers a copy.
+    """
+    parts = chunk.parts[rank]
+    if len(parts) != 1 or parts[0].nbytes != chunk.seg_bytes:
+        return None
+    p = parts[0]
+    dest = dests[p.name]
+    if not can_take_direct(dest, plan.dtypes[p.name], device):
+        return None
+    return byte_view(dest)[p.local_offset : p.local_offset + p.nbytes]
 
 
 def _pack(chunk: ScatterChunk, reader: ChunkReader, read_pool: BufferPool, stage: BufferPool | None,
