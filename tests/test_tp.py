@@ -41,6 +41,13 @@ def _tp_mlp(mesh) -> nn.Module:
 
 
 UNEVEN = {"cols": (5, 13), "rows": (13, 4)}  # Shard(1) and Shard(0) over 3 ranks: 5, 5, 3
+PLAIN = {"plain": (4, 3)}  # an ordinary parameter beside the DTensors
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _tp_world(rank, world, path):
@@ -55,9 +62,10 @@ def _tp_world(rank, world, path):
         for name, shape in UNEVEN.items():
             dim = 1 if name == "cols" else 0
             model.register_parameter(name, nn.Parameter(distribute_tensor(torch.empty(shape, device="meta"), mesh, [Shard(dim)])))
+        model.register_parameter("plain", nn.Parameter(torch.empty(PLAIN["plain"], device="meta")))
         report = distload.load_checkpoint(model, path, bucket_mb=0.0002, read_policy=policy)
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        places = {k: str(v.placements) for k, v in model.state_dict().items()}
+        full = {k: _full(v) for k, v in model.state_dict().items()}
+        places = {k: str(getattr(v, "placements", "plain")) for k, v in model.state_dict().items()}
         with torch.no_grad():
             y = model(x).clone()  # an op waits for TP's async all-reduce before the result is pickled
         out[policy] = (full, places, report.read_policy, y)
@@ -67,7 +75,7 @@ def _tp_world(rank, world, path):
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory):
     path = tmp_path_factory.mktemp("tp") / "mlp.safetensors"
-    ref = write_mlp(path, UNEVEN)
+    ref = write_mlp(path, {**UNEVEN, **PLAIN})
     return ref, run_world(_tp_world, 3, str(path))
 
 
@@ -85,7 +93,7 @@ def test_colwise_and_rowwise_shards_equal_a_single_process_read(tp):
 def test_tp_model_computes_what_the_unsharded_model_computes(tp):
     ref, out = tp
     single = MLP()
-    single.load_state_dict({k: v for k, v in ref.items() if k not in UNEVEN})
+    single.load_state_dict({k: v for k, v in ref.items() if k not in UNEVEN and k not in PLAIN})
     x = torch.randn(4, 10, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = single(x)
@@ -158,3 +166,11 @@ def test_2d_mesh_fsdp_by_tp_and_mixed_placements_load_bit_for_bit(tmp_path):
     # Pure sharding holds each element once across ranks; Replicate() on "dp" holds it twice.
     for k, v in ref.items():
         assert total_local[k] == v.numel() * (2 if k in ("rep_s0", "down.bias") else 1), k
+
+
+def test_plain_parameters_beside_dtensors_take_the_broadcast_path(tp):
+    ref, out = tp
+    for res in out:
+        full, places, policies, _ = res["scatter"]
+        assert places["plain"] == "plain" and "plain" not in policies
+        assert torch.equal(full["plain"], ref["plain"])
