@@ -258,3 +258,28 @@ def test_rss_growth_stays_within_local_shards_plus_a_few_buckets(tmp_path, polic
         bound = local + 3 * BUCKET_MB * 2**20 + SLACK_MB * 2**20
         assert growth <= bound, f"grew {growth / 2**20:.1f} MiB, local {local / 2**20:.1f} MiB"
         assert local < full / 2
+
+
+# ---- failures ------------------------------------------------------------------
+
+def _owner_read_fails(rank, world, path, policy):
+    import distload.reader as reader
+
+    def broken(fd, buf, offset, name):
+        raise OSError(f"injected read error in {name}")
+
+    if rank == 0:
+        reader.read_exact = broken
+    model = _fsdp_odd(world)
+    try:
+        distload.load_checkpoint(model, path, bucket_mb=0.0002, read_policy=policy)
+    except distload.DistLoadError as e:
+        return e.phase, sorted(e.failures), all(p.is_meta for p in model.parameters())
+    return None
+
+
+@pytest.mark.parametrize("policy", ["scatter", "slice"])
+def test_a_failed_read_on_one_rank_fails_the_sharded_load_on_every_rank(tmp_path, policy):
+    write_odd(tmp_path / "odd.safetensors")
+    for phase, failed, back_on_meta in run_world(_owner_read_fails, 2, str(tmp_path / "odd.safetensors"), policy):
+        assert (phase, failed, back_on_meta) == ("transfer", [0], True)
