@@ -140,9 +140,8 @@ def summarize(runs: list[dict], ckpt_bytes: int, rate: float) -> list[dict]:
                 row["storage_x"] = statistics.median(r["storage_bytes"] for r in ok) / ckpt_bytes
                 if rate > 0:
                     row["limit_x"] = med / (ckpt_bytes / rate)
-            for key in ("read_policy", "policies"):
-                if key in ok[0]["ranks"][0]:
-                    row[key] = ok[0]["ranks"][0][key]
+            if "policy_counts" in ok[0]["ranks"][0]:
+                row["policy_counts"] = ok[0]["ranks"][0]["policy_counts"]
         rows.append(row)
     by_cfg: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -288,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where checkpoints are generated (outside the repository)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--mnt", type=Path, default=None, help="mount point for --fs fuse (default under --data)")
+    p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--timeout", type=float, default=900, help="seconds per torchrun job")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurement even when CUDA is present")
     args = p.parse_args(argv)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "run.json").unlink(missing_ok=True)
     rows = summarize(runs, ckpt_bytes, rate)
     table = markdown(rows, machine, ckpt_bytes, rate)
-    stem = f"compare_{preset}"
+    stem = f"compare_{preset}" + (f"_{args.tag}" if args.tag else "")
     (args.out / f"{stem}.md").write_text(table)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": machine, "checkpoint": {"path": str(ckpt), "preset": preset, "bytes": ckpt_bytes,

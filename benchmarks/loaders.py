@@ -130,9 +130,9 @@ class Distload(Loader):
             kw["read_policy"] = ctx.extra["read_policy"]
         report = distload.load_checkpoint(model, ctx.path, device=ctx.device, progress=False, **kw)
         ctx.extra["reported_bytes_read"] = report.bytes_read
-        for key in ("read_policy", "policies"):
-            if hasattr(report, key):
-                ctx.extra[key] = getattr(report, key)
+        policy = getattr(report, "read_policy", None) or {}
+        if policy:  # tensor -> "scatter" | "slice": keep the counts
+            ctx.extra["policy_counts"] = {p: list(policy.values()).count(p) for p in sorted(set(policy.values()))}
         return model
 
 
