@@ -32,9 +32,10 @@ def _compare(tmp_path: Path, *args: str) -> dict:
 
 
 def test_compare_quick_runs_every_mode_and_checksums_agree(tmp_path):
-    result = _compare(tmp_path, "--mode", "replicated,fsdp", "--loaders", "distload,dcp,floor")
+    # Two loaders keep the suite fast; the peers share the same worker and probes.
+    result = _compare(tmp_path, "--mode", "replicated,fsdp", "--loaders", "distload,floor")
     rows = {(r["mode"], r["loader"]): r for r in result["summary"]}
-    assert set(rows) == {(m, n) for m in ("replicated", "fsdp") for n in ("distload", "dcp", "floor")}
+    assert set(rows) == {(m, n) for m in ("replicated", "fsdp") for n in ("distload", "floor")}
     for (mode, name), r in rows.items():
         assert r["error"] is None, r["error"]
         assert r["seconds"] > 0 and r["runs"] == 1
