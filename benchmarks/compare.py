@@ -133,6 +133,7 @@ def summarize(runs: list[dict], ckpt_bytes: int, rate: float) -> list[dict]:
                 local_bytes=ok[0].get("local_bytes"),
                 rchar_x=statistics.median(r["rchar"] for r in ok) / ckpt_bytes,
                 disk_x=statistics.median(r["read_bytes"] for r in ok) / ckpt_bytes,
+                cpu_s=statistics.median(r.get("cpu_s", 0.0) for r in ok),
                 mmap=ok[0].get("mmap_fraction", 0.0) > 0.5,
                 checksum=next((r["checksum"] for r in ok if r.get("checksum")), None),
             )
@@ -175,7 +176,7 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
     """The README table."""
     fuse = any(r["fs"] == "fuse" for r in rows)
     head = ["fs", "world", "mode", "cache", "loader", "memory", "seconds (min–max)", "GB/s", "× floor",
-            "× distload", "peak anon growth / rank", "read() ×ckpt", "disk ×ckpt"]
+            "× distload", "CPU s (all ranks)", "peak anon growth / rank", "read() ×ckpt", "disk ×ckpt"]
     if fuse:
         head += ["storage pulled ×ckpt", "× storage limit"]
     head.append("checksum")
@@ -194,7 +195,7 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
                  f"**{name}**" if r["loader"] == "distload" else name,
                  "mmap views of page cache" if r["mmap"] else "owned",
                  f"{r['seconds']:.2f} ({r['min']:.2f}–{r['max']:.2f})", f"{r['gbps']:.2f}",
-                 _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("x_distload"), ".2f"),
+                 _fmt(r.get("x_floor"), ".2f"), _fmt(r.get("x_distload"), ".2f"), f"{r['cpu_s']:.1f}",
                  f"{r['peak_anon_growth'] / 1e9:.2f} GB", f"{r['rchar_x']:.2f}", f"{r['disk_x']:.2f}"]
         if fuse:
             cells += [_fmt(r.get("storage_x"), ".2f"), _fmt(r.get("limit_x"), ".2f")]
@@ -211,6 +212,8 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
         "Peak anon growth: the largest rank's peak anonymous RSS minus its pre-load baseline (mmap views of the "
         "page cache are file-backed, so they do not show here). read() ×ckpt: bytes through read syscalls "
         "(/proc/self/io rchar) summed over ranks; disk ×ckpt: bytes fetched from the block device (read_bytes).",
+        "CPU s: user + system CPU seconds of the timed region, summed over ranks (not counting the FUSE server); "
+        "where ranks outnumber cores this, not IO, bounds the seconds.",
     ]
     if fuse:
         notes.append(f"Storage pulled: bytes the emulated network filesystem served, summed over its views; "
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(row)
                     status = f"{row['seconds']:.2f} s" if not row.get("error") else f"FAILED: {row['error'][:120]}"
                     extra = f", pulled {row['storage_bytes'] / ckpt_bytes:.2f}x" if "storage_bytes" in row else ""
+                    extra += f", cpu {row['cpu_s']:.1f} s" if "cpu_s" in row else ""
                     print(f"[{cfg.label}] round {rep + 1}/{repeat} {name:<16} {status}{extra}", flush=True)
     (args.out / "run.json").unlink(missing_ok=True)
     rows = summarize(runs, ckpt_bytes, rate)
