@@ -5,7 +5,7 @@
     python -m benchmarks.compare --quick                                    # small checkpoint, one round
 
 Each measurement is one ``torchrun --standalone`` job on gloo (see
-``benchmarks/worker.py``); loaders alternate A B C A B C ... so drift on a
+``benchmarks/worker.py``); loaders rotate (A B C, B C A, ...) so drift on a
 shared machine hits them all alike, and each is repeated ``--repeat`` times
 (median, min and max reported). ``--cache cold`` evicts the checkpoint from
 the page cache before every run; ``--fs fuse`` reads through the emulated
@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,11 +93,19 @@ def run_one(cfg: Config, loader: str, ckpt: Path, files: list[Path], out: Path, 
     with open(log, "a") as lf:
         lf.write(f"\n$ {' '.join(cmd)}\n")
         lf.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=lf, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=lf, stderr=subprocess.STDOUT, timeout=timeout_s)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        finally:  # on a timeout, Ctrl-C or SIGTERM: torchrun stops its workers, which frees the mount
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     wall = time.perf_counter() - t0
     row: dict
     if result.is_file():
@@ -294,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per torchrun job")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurement even when CUDA is present")
     args = p.parse_args(argv)
+    # SIGTERM (a batch system's cancel) unwinds like Ctrl-C, so the emulated
+    # filesystem is unmounted and the running job stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     preset = "quick" if args.quick and args.size == "1.7GB" else args.size
     repeat = args.repeat or (1 if args.quick else 3)
     ckpt = make_checkpoint(args.data / preset, preset)
@@ -333,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             fixture = netfs.mounted(ckpt, args.mnt or args.data / "netfs_mnt", views=views, rate=rate)
         with fixture if fixture is not None else contextlib.nullcontext() as fs:
             for rep in range(repeat):
-                for name in names:  # A B C A B C ...: drift on a shared machine hits every loader alike
+                # A B C, B C A, C A B ...: drift on a shared machine hits every loader alike,
+                # and no loader always follows the same one (on the reference VM, what the
+                # previous job freed changes how much the next one pays for fresh memory).
+                k = rep % len(names)
+                for name in names[k:] + names[:k]:
                     row = run_one(cfg, name, ckpt, files, args.out, logs, checksum=rep == 0, fs=fs,
                                   rpn=args.ranks_per_node, timeout_s=args.timeout, read_policy=args.read_policy)
                     row["round"] = rep

@@ -68,3 +68,37 @@ def test_token_bucket_reserves_bytes_over_rate_seconds(monkeypatch):
     for _ in range(10):
         bucket.take(5_000_000)
     assert clock[0] == pytest.approx(101.0)  # 50 MB at 50 MB/s, whoever asks
+
+
+def test_compare_unmounts_and_stops_its_job_on_sigterm(tmp_path):
+    """A cancelled benchmark (scancel, kill) leaves no mount and no running job behind."""
+    import signal
+    import subprocess
+    import time
+
+    mnt = tmp_path / "mnt"
+    repo = Path(__file__).resolve().parent.parent
+    # A slow cap keeps the job inside the mount when the signal arrives.
+    cmd = [sys.executable, "-m", "benchmarks.compare", "--quick", "--size", "smoke", "--fs", "fuse", "--world", "2",
+           "--loaders", "floor", "--rate-mb", "0.2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+           "--mnt", str(mnt), "--no-gpu"]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(repo)), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out" / "logs").glob("*floor.log")):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the benchmark job never started"
+            time.sleep(0.2)
+        time.sleep(3)  # the torchrun job is up and reading through the mount
+        assert os.path.ismount(mnt)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert not os.path.ismount(mnt)
+    left = subprocess.run(["pgrep", "-f", f"netfs {mnt}"], capture_output=True, text=True).stdout.split()
+    assert not left, f"benchmark workers still running: {left}"
