@@ -317,7 +317,7 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
     if kind == "mpi":
         from .comm_mpi import MpiComm
 
-        mpi = MpiComm(device, group)
+        mpi = MpiComm(device, group, timeout_s)
         return LocalComm(device) if mpi.world_size == 1 else mpi
     if group is None and not (dist.is_available() and init_distributed(device, timeout_s)):
         return LocalComm(device)

@@ -8,19 +8,27 @@ the plan and reports, ``MPI_Scatter`` of equal segments for DTensor shards,
 and an ``MPI_Allreduce`` for error agreement.
 
 Note:
-    MPI collectives have no timeout, so a rank that dies outright usually
-    makes ``mpiexec`` abort the job rather than surfacing as a
-    :class:`DistLoadError`; failures that a rank catches (a missing file, a
-    bad header) are agreed on and raised everywhere, as with torch.distributed.
+    MPI collectives have no timeout of their own, so every call here is the
+    nonblocking form, waited on with a deadline of ``timeout_s``: a rank that
+    hangs fails the load on the others with a ``timed out`` error
+    (a :class:`DistLoadError` from the loader) instead of blocking them
+    forever. MPI cannot cancel a collective, so the job must then end: the
+    CLI aborts the MPI job, and ``mpiexec`` stops everything when a rank dies
+    outright. Failures that a rank catches (a missing file, a bad header) are
+    agreed on and raised everywhere, as with torch.distributed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import pickle
+import queue
+import threading
 from typing import Any
 
 import torch
 
+from .bootstrap import DEFAULT_TIMEOUT_S
 from .comm import Comm
 from .errors import DistLoadError
 
@@ -45,6 +53,52 @@ def host_bytes(buf: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(buf.data_ptr())).cast("B")
 
 
+class _Waiter:
+    """One thread that blocks in ``MPI_Wait`` while the caller waits with a deadline.
+
+    ``MPI_Wait`` drives progress at full speed in C, which a Python loop of
+    ``MPI_Test`` calls does not (a world-2 load was 25% slower that way). A
+    request that never completes strands this thread, so after a timeout the
+    next wait starts a fresh one. Needs ``MPI_THREAD_MULTIPLE``, mpi4py's
+    default; with less, waits block without a deadline.
+    """
+
+    def __init__(self, threaded: bool):
+        self.threaded = threaded
+        self.stuck = False
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        if threaded:
+            threading.Thread(target=self._run, name="distload-mpi-wait", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            request, done = self._jobs.get()
+            request.Wait()
+            done.set()
+
+    def wait(self, request: Any, timeout_s: float) -> bool:
+        if not self.threaded:
+            request.Wait()
+            return True
+        done = threading.Event()
+        self._jobs.put((request, done))
+        if done.wait(timeout_s):
+            return True
+        self.stuck = True
+        return False
+
+
+_WAITER: _Waiter | None = None
+
+
+def _waiter() -> _Waiter:
+    global _WAITER
+    if _WAITER is None or _WAITER.stuck:
+        MPI = _mpi()
+        _WAITER = _Waiter(MPI.Query_thread() >= MPI.THREAD_MULTIPLE)
+    return _WAITER
+
+
 class MpiComm(Comm):
     """mpi4py over one communicator (default ``COMM_WORLD``). Every method is collective.
 
@@ -53,27 +107,53 @@ class MpiComm(Comm):
     at placement, so no CUDA-aware MPI is needed.
     """
 
-    def __init__(self, device: torch.device, communicator: Any = None):
+    def __init__(self, device: torch.device, communicator: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S):
         MPI = _mpi()
         self._MPI = MPI
         self._comm = communicator if communicator is not None else MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.world_size = self._comm.Get_size()
         self.device = torch.device("cpu")  # whatever the load's device: MPI moves host memory
+        self.timeout_s = timeout_s
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        return self._comm.allgather(obj)
+    def _wait(self, request: Any, what: str) -> None:
+        """Complete one nonblocking collective, or raise ``TimeoutError`` after ``timeout_s``."""
+        if not _waiter().wait(request, self.timeout_s):
+            raise TimeoutError(f"MPI {what} timed out after {self.timeout_s:g} s "
+                               f"on rank {self.rank} of {self.world_size}")
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return self._comm.bcast(obj, root=src)
-
-    def broadcast_(self, buf: torch.Tensor, src: int) -> None:
-        if not buf.numel():
-            return
-        view = host_bytes(buf)
+    def _bcast_bytes(self, view: memoryview, src: int, what: str) -> None:
         for off in range(0, len(view), _MAX_BYTES):
             part = view[off : off + _MAX_BYTES]
-            self._comm.Bcast([part, len(part), self._MPI.BYTE], root=src)
+            self._wait(self._comm.Ibcast([part, len(part), self._MPI.BYTE], root=src), what)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        mine = torch.tensor([len(data)], dtype=torch.int64)
+        self._wait(self._comm.Iallgather([host_bytes(mine), 1, self._MPI.INT64_T],
+                                         [host_bytes(sizes), 1, self._MPI.INT64_T]), "all-gather")
+        counts = sizes.tolist()
+        if max(counts) >= _MAX_BYTES:
+            raise DistLoadError(f"an object of {max(counts)} bytes is too large to gather over MPI")
+        offsets = [sum(counts[:r]) for r in range(self.world_size)]
+        out = bytearray(sum(counts))
+        self._wait(self._comm.Iallgatherv([data, len(data), self._MPI.BYTE],
+                                          [out, (counts, offsets), self._MPI.BYTE]), "all-gather")
+        return [pickle.loads(out[o : o + n]) for o, n in zip(offsets, counts)]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        self._wait(self._comm.Ibcast([host_bytes(size), 1, self._MPI.INT64_T], root=src), "broadcast")
+        buf = bytearray(data) if self.rank == src else bytearray(int(size.item()))
+        if buf:
+            self._bcast_bytes(memoryview(buf), src, "broadcast")
+        return obj if self.rank == src else pickle.loads(buf)
+
+    def broadcast_(self, buf: torch.Tensor, src: int) -> None:
+        if buf.numel():
+            self._bcast_bytes(host_bytes(buf), src, "broadcast")
 
     def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
         """(all ranks) ``MPI_Scatter`` of equal byte segments of ``src``'s ``send`` into each ``buf``."""
@@ -84,15 +164,18 @@ class MpiComm(Comm):
         if self.rank == src:
             if send is None or send.numel() * send.element_size() < n * self.world_size:
                 raise DistLoadError(f"scatter source needs {n * self.world_size} bytes to send")
-            self._comm.Scatter([host_bytes(send)[: n * self.world_size], n, self._MPI.BYTE], recv, root=src)
+            request = self._comm.Iscatter([host_bytes(send)[: n * self.world_size], n, self._MPI.BYTE], recv,
+                                          root=src)
         else:
-            self._comm.Scatter(None, recv, root=src)
+            request = self._comm.Iscatter(None, recv, root=src)
+        self._wait(request, "scatter")
 
     def failed_ranks(self, failed: bool) -> list[int]:
         status = torch.zeros(self.world_size, dtype=torch.int32)
         if failed:
             status[self.rank] = 1
         out = torch.zeros_like(status)
-        self._comm.Allreduce([host_bytes(status), self.world_size, self._MPI.INT32_T],
-                             [host_bytes(out), self.world_size, self._MPI.INT32_T], op=self._MPI.MAX)
+        self._wait(self._comm.Iallreduce([host_bytes(status), self.world_size, self._MPI.INT32_T],
+                                         [host_bytes(out), self.world_size, self._MPI.INT32_T], op=self._MPI.MAX),
+                   "status all-reduce")
         return [r for r, v in enumerate(out.tolist()) if v]

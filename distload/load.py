@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or not e.agreed:
             one_line = " | ".join(line.strip() for line in str(e).splitlines())
             print(f"distload: error (rank {rank}): {one_line}", file=sys.stderr)
+        if not e.agreed:
+            _abort_mpi_job()
         return 1
     except Exception as e:  # a factory, transformers or the report file: still one line, non-zero
         one_line = " | ".join(line.strip() for line in str(e).splitlines())
@@ -178,6 +181,20 @@ def _rank() -> int:
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         return mpi.COMM_WORLD.Get_rank()
     return 0
+
+
+def _abort_mpi_job() -> None:
+    """(a rank whose collective broke) End the whole MPI job, if MPI is up.
+
+    MPI cannot cancel the collective that a hung or dead peer left pending,
+    so finalizing could block; ``MPI_Abort`` makes ``mpiexec`` stop every rank.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(1.0)  # mpiexec drops output still in flight when it tears the job down
+        mpi.COMM_WORLD.Abort(1)
 
 
 def _shutdown() -> None:

@@ -93,7 +93,8 @@ def load_checkpoint(
             (a rank that stops answering fails the load after this long). A
             group you created keeps its own timeout: pass
             ``dist.new_group(timeout=...)`` as ``process_group`` to bound the
-            load differently from training.
+            load differently from training. With ``comm="mpi"`` it is the
+            deadline for each MPI collective.
         comm: the transport: ``"torch"`` (torch.distributed, default) or
             ``"mpi"`` (mpi4py; ``process_group`` is then an MPI communicator,
             default ``COMM_WORLD``). Both follow the same plan.

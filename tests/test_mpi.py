@@ -76,3 +76,17 @@ def test_mpi_collectives_broadcast_scatter_and_agree_on_errors(tmp_path):
         assert seen["scatter"] == list(range(5 * r, 5 * r + 5)), "each rank gets its own segment"
         assert seen["failed_none"] == [] and seen["failed"] == [0, 2]
         assert seen["agreed"] == {"failures": {"2": "OSError: disk gone on rank 2"}, "phase": "transfer"}
+
+
+def test_a_hung_rank_fails_the_mpi_load_and_ends_the_job(ckpt):
+    """MPI collectives have no timeout: distload's must, and the job must end rather than hang."""
+    import time
+
+    _require_mpi()
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(TESTS / "mpi_hang_check.py"), str(ckpt)],
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "distload: error (rank 0)" in proc.stderr and "timed out after 3 s" in proc.stderr, proc.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
