@@ -207,8 +207,10 @@ def test_a_failed_load_can_be_retried_on_the_same_model(sized, tmp_path):
 def _torchrun(ckpt: Path, nproc: int, fault_rank: int, fault: str, *cli: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(HERE / "fault_worker.py"), str(ckpt), "--fault-rank", str(fault_rank), "--fault", fault,
+    # A 2 s monitor interval: on a loaded machine the agent's default 0.1 s could stop
+    # the survivor before it prints the error these tests read (the job still ends).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval", "2",
+           "--nproc_per_node", str(nproc), str(HERE / "fault_worker.py"), str(ckpt), "--fault-rank", str(fault_rank), "--fault", fault,
            "--", "--bucket-mb", str(BUCKET_MB), *cli]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, env=env)
