@@ -83,10 +83,31 @@ def test_a_hung_rank_fails_the_mpi_load_and_ends_the_job(ckpt):
     import time
 
     _require_mpi()
+    started = time.time()
     t0 = time.monotonic()
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(TESTS / "mpi_hang_check.py"), str(ckpt)],
-                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(TESTS / "mpi_hang_check.py"), str(ckpt)],
+                              env=clean_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        _remove_orphaned_mpich_shm(started)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "distload: error (rank 0)" in proc.stderr and "timed out after 3 s" in proc.stderr, proc.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+
+
+def _remove_orphaned_mpich_shm(since: float) -> None:
+    """MPI_Abort skips mpich's cleanup: remove its /dev/shm segments made since ``since``
+    that no live process maps any more (other tests' running jobs keep theirs)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/mpich_shm_" in line)
+        except OSError:
+            continue
+    for seg in Path("/dev/shm").glob("mpich_shm_*"):
+        try:
+            if seg.stat().st_mtime >= since - 1 and str(seg) not in mapped:
+                seg.unlink()
+        except OSError:
+            continue
