@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-policy", default="auto", choices=READ_POLICIES,
                    help="--mode fsdp: scatter (owner reads, sends each rank its piece), slice (each rank reads "
                         "its own Shard(0) rows) or auto (slice on local disks, scatter on network filesystems)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (file -> rank) and read no tensor data")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (file -> rank; with --mode fsdp also the shard scatters) "
+                        "and read no tensor data")
     p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
@@ -124,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dtype != "auto" and args.dtype not in DTYPES:
             raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
-        if args.dry_run:
-            plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s,
-                                   comm=args.comm)
-            rank = _rank()
-            if rank == 0:
-                print(plan.describe())
-            return 0
+        if args.dry_run and args.mode != "fsdp":  # the file plan needs no model
+            return _print_plan(args)
         model = build_model(args.model, args.path)
         if args.mode == "fsdp":
             if model is None:
@@ -138,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from .fsdp import fully_shard_blocks
 
             fully_shard_blocks(model, resolve_device(args.device), args.timeout_s)
+        if args.dry_run:  # FSDP2: the sharded model's plan, with its scatters and slice reads
+            return _print_plan(args, model=model, strict=args.strict, read_policy=args.read_policy)
         dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
             hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
         common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
@@ -169,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _shutdown()
+
+
+def _print_plan(args: argparse.Namespace, **model_args) -> int:
+    """(all ranks) Plan without reading tensor data; rank 0 prints it."""
+    plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s,
+                           comm=args.comm, **model_args)
+    if _rank() == 0:
+        print(plan.describe())
+    return 0
 
 
 def _rank() -> int:

@@ -165,11 +165,22 @@ def plan_checkpoint(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     process_group=None,
     comm: str = "torch",
+    model: nn.Module | None = None,
+    strict: bool = True,
+    read_policy: str = "auto",
 ) -> LoadPlan:
-    """(all ranks) The plan a load would follow, without reading tensor data."""
+    """(all ranks) The plan a load would follow, without reading tensor data.
+
+    With ``model``, the plan is the one :func:`load_checkpoint` would follow
+    for it: only the keys the model has, checked against it (``strict``), and
+    for DTensor (FSDP2 / TP) parameters the scatter and slice schedule in
+    ``plan.sharded``.
+    """
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    job = _Load(transport, dev, path, True, bucket_mb, False, model=None, dtype=None)
+    if read_policy not in READ_POLICIES:
+        raise DistLoadError(f"read_policy must be one of {', '.join(READ_POLICIES)}, not {read_policy!r}")
+    job = _Load(transport, dev, path, strict, bucket_mb, False, model=model, dtype=None, read_policy=read_policy)
     return job.make_plan()
 
 

@@ -104,10 +104,19 @@ class LoadPlan:
         nodes = {r.rank: f" on {r.node_key}" for r in self.ranks}
         for f, o in zip(self.files, self.owners):
             lines.append(f"  {f.name:<40} {f.size / 1e6:>10.1f} MB -> rank {o}{nodes.get(o, '')}")
+        sh = self.sharded
+        if sh is not None:
+            counts = {p: sum(1 for v in sh.policies.values() if v == p) for p in ("scatter", "slice")}
+            lines.append(f"sharded: {len(sh.policies)} DTensor(s), read_policy {sh.read_policy} "
+                         f"({counts['scatter']} scattered, {counts['slice']} read as slices), "
+                         f"{sh.total_bytes / 1e9:.3f} GB in {len(sh.scatters)} scatter(s) "
+                         f"and {len(sh.slices)} slice read(s)")
         where = {r.rank: f" (node {r.node_key}, local rank {r.local_rank})" for r in self.ranks}
         for r in range(self.world_size):
             host = where.get(r, "")
-            lines.append(f"  rank {r}{host}: {len(self.files_of(r))} file(s), {self.bytes_of(r) / 1e9:.3f} GB")
+            shards = f", {sh.bytes_of(r) / 1e9:.3f} GB of shards" if sh is not None else ""
+            lines.append(f"  rank {r}{host}: {len(self.files_of(r))} file(s), {self.bytes_of(r) / 1e9:.3f} GB"
+                         f"{shards}")
         return "\n".join(lines)
 
 

@@ -279,3 +279,22 @@ def test_bad_input_under_torchrun(tmp_path):
     assert proc.returncode != 0
     errs = error_lines(proc)
     assert len(errs) == 1 and "does not exist" in errs[0], proc.stdout + proc.stderr
+
+
+def test_dry_run_with_fsdp_prints_the_sharded_plan_and_reads_no_tensor_data(tmp_path, llama_ckpt):
+    spy = tmp_path / "spy_cli.py"
+    spy.write_text(SPY)
+    proc = run_cli(tmp_path, str(llama_ckpt), "--dry-run", "--model", "hf", "--mode", "fsdp",
+                   "--read-policy", "scatter", script=str(spy), nproc=2, SPY_OUT=str(tmp_path / "spy"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sharded = [line for line in proc.stdout.splitlines() if line.startswith("sharded:")]
+    assert len(sharded) == 1 and "read_policy scatter" in sharded[0] and "0 read as slices" in sharded[0], proc.stdout
+    assert int(re.search(r"(\d+) DTensor", sharded[0]).group(1)) > 0
+    for r in range(2):
+        per_rank = [line for line in proc.stdout.splitlines() if re.match(rf"\s*rank {r}\b", line)]
+        assert len(per_rank) == 1 and "GB of shards" in per_rank[0], proc.stdout
+    assert "GB/s" not in proc.stdout  # nothing was loaded
+    header_end = {str(llama_ckpt / f.name): f.data_offset for f in read_checkpoint(llama_ckpt).files}
+    for r in range(2):
+        for path, off, n in json.loads((tmp_path / f"spy.{r}").read_text())["reads"]:
+            assert off + n <= header_end[path], f"rank {r} read {n} bytes at {off} of {path}: tensor data"
