@@ -72,20 +72,25 @@ class _Waiter:
 
     def _run(self) -> None:
         while True:
-            request, done = self._jobs.get()
-            request.Wait()
+            request, done, failure = self._jobs.get()
+            try:
+                request.Wait()
+            except BaseException as e:  # an MPI error: the caller raises it, not a timeout
+                failure.append(e)
             done.set()
 
     def wait(self, request: Any, timeout_s: float) -> bool:
         if not self.threaded:
             request.Wait()
             return True
-        done = threading.Event()
-        self._jobs.put((request, done))
-        if done.wait(timeout_s):
-            return True
-        self.stuck = True
-        return False
+        done, failure = threading.Event(), []
+        self._jobs.put((request, done, failure))
+        if not done.wait(timeout_s):
+            self.stuck = True
+            return False
+        if failure:
+            raise failure[0]
+        return True
 
 
 _WAITER: _Waiter | None = None

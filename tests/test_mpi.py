@@ -111,3 +111,29 @@ def _remove_orphaned_mpich_shm(since: float) -> None:
                 seg.unlink()
         except OSError:
             continue
+
+
+def test_the_mpi_waiter_raises_a_failed_wait_and_reports_a_stuck_one():
+    """An MPI error inside the waiter thread reaches the caller as itself, not as a timeout."""
+    import threading
+
+    from distload.comm_mpi import _Waiter
+
+    class Failing:
+        def Wait(self):
+            raise RuntimeError("MPI_ERR_PROC_FAILED")
+
+    class Never:
+        def __init__(self):
+            self.release = threading.Event()
+
+        def Wait(self):
+            self.release.wait()
+
+    waiter = _Waiter(threaded=True)
+    with pytest.raises(RuntimeError, match="MPI_ERR_PROC_FAILED"):
+        waiter.wait(Failing(), 5)
+    assert not waiter.stuck
+    never = Never()
+    assert waiter.wait(never, 0.2) is False and waiter.stuck
+    never.release.set()
