@@ -9,6 +9,8 @@ torch.distributed to every rank that needs them.
     report = distload.load_checkpoint(model, "/ckpt/llama", device="cuda")
 """
 
+from importlib import metadata as _metadata
+
 from .bootstrap import init_distributed
 from .errors import DistLoadError
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
@@ -24,4 +26,8 @@ __all__ = [
     "load_state_dict",
     "plan_checkpoint",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = _metadata.version("distload")  # the one version: pyproject.toml's
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

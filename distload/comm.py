@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ class Comm(ABC):
     rank: int
     world_size: int
     device: torch.device
+    has_subgroups = False  # subgroup() makes real sub-groups (else scatters span the whole group)
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -50,20 +52,24 @@ class Comm(ABC):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         """(all ranks) Fill ``buf`` (contiguous, on ``device``) with ``src``'s bytes."""
 
+    @abstractmethod
     def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
         """(all ranks) Fill each rank's ``buf`` with its segment of ``src``'s ``send``.
 
         ``buf`` is ``n`` contiguous bytes on ``device`` on every rank; ``send``
         (``src`` only) is ``world_size * n`` bytes and rank ``r`` receives
-        ``send[r * n : (r + 1) * n]``. Equal segments, as MPI_Scatter and gloo
-        need. This fallback broadcasts everything; transports override it with
-        a real scatter.
+        ``send[r * n : (r + 1) * n]``. Equal segments, as MPI_Scatter and gloo need.
         """
-        n = buf.numel()
-        whole = send if self.rank == src else torch.empty(n * self.world_size, dtype=buf.dtype, device=buf.device)
-        assert whole is not None, "the source rank must pass send"
-        self.broadcast_(whole, src)
-        buf.copy_(whole[self.rank * n : (self.rank + 1) * n])
+
+    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
+        """(all ranks, the same sets in the same order) A transport over just ``ranks``.
+
+        ``ranks`` are this group's ranks, sorted; rank ``ranks[i]`` is rank
+        ``i`` of the result. Ranks outside ``ranks`` get None. Only called when
+        ``has_subgroups``; otherwise scatters span the whole group and ranks
+        outside a scatter's set receive padding.
+        """
+        return self if tuple(ranks) == tuple(range(self.world_size)) else None
 
     @abstractmethod
     def failed_ranks(self, failed: bool) -> list[int]:
@@ -86,6 +92,38 @@ class Comm(ABC):
         tracebacks = {r: m[1] for r, m in enumerate(got) if m is not None}
         raise DistLoadError.from_failures(phase, failures, tracebacks) from error
 
+    def gather_or_raise(self, phase: str, compute: Callable[[], Any]) -> list[Any]:
+        """(all ranks) Every rank's ``compute()``, or the same :class:`DistLoadError` on every rank.
+
+        A rank whose ``compute`` raises sends its error in the one gather
+        instead of a result, so no rank is left waiting; the local exception
+        becomes ``__cause__``.
+        """
+        local: Exception | None = None
+        try:
+            mine = (compute(), None, None)
+        except Exception as e:
+            local, mine = e, (None, describe(e), format_traceback(e))
+        got = self.all_gather_object(mine)
+        failed = {r: g[1] for r, g in enumerate(got) if g[1] is not None}
+        if failed:
+            raise DistLoadError.from_failures(phase, failed, {r: got[r][2] for r in failed}) from local
+        return [g[0] for g in got]
+
+    def broadcast_or_raise(self, phase: str, compute: Callable[[], Any], src: int = 0) -> Any:
+        """(all ranks) ``src``'s ``compute()`` on every rank, or ``src``'s error raised on every rank."""
+        local: Exception | None = None
+        mine = None
+        if self.rank == src:
+            try:
+                mine = (compute(), None, None)
+            except Exception as e:
+                local, mine = e, (None, describe(e), format_traceback(e))
+        value, msg, tb = self.broadcast_object(mine, src=src)
+        if msg is not None:
+            raise DistLoadError.from_failures(phase, {src: msg}, {src: tb}) from local
+        return value
+
     def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
         """(surviving ranks, after a collective broke) Ranks that did not check in within ``wait_s``.
 
@@ -99,6 +137,8 @@ class Comm(ABC):
 
 class LocalComm(Comm):
     """A single process: nothing to exchange."""
+
+    has_subgroups = True  # the only sub-group is the whole group
 
     def __init__(self, device: torch.device):
         self.rank, self.world_size, self.device = 0, 1, device
@@ -118,6 +158,10 @@ class LocalComm(Comm):
 
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
+
+
+# Sub-groups made for scatters over a tensor's own mesh, by (default group, global ranks).
+_SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
 
 
 class TorchComm(Comm):
@@ -174,6 +218,25 @@ class TorchComm(Comm):
             return
         parts = list(send.split(n)) if self.rank == src and send is not None else None
         self._dist.scatter(buf, parts, src=self._global[src], group=self.group)
+
+    @property
+    def has_subgroups(self) -> bool:  # type: ignore[override]
+        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them."""
+        return self.world_size == self._dist.get_world_size()
+
+    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
+        """A process group over ``ranks``, made once per set of ranks and kept for later loads."""
+        if tuple(ranks) == tuple(range(self.world_size)):
+            return self
+        from torch.distributed import distributed_c10d as c10d
+
+        members = tuple(self._global[r] for r in ranks)
+        key = (id(c10d._get_default_group()), members)
+        group = _SUBGROUPS.get(key)
+        if group is None:
+            group = self._dist.new_group(list(members))
+            _SUBGROUPS[key] = group
+        return TorchComm(group, self.device) if self.rank in ranks else None
 
     def failed_ranks(self, failed: bool) -> list[int]:
         self._status.zero_()

@@ -16,13 +16,12 @@ Note on FSDP2:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import DistLoadError
-from .shard import Placement, Sharding
+from .shard import Layout, Placement, Sharding, layout_of
 
 
 def is_dtensor(t: object) -> bool:
@@ -73,19 +72,30 @@ def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
     return {k: sharding_of(v, group_rank) for k, v in model.state_dict(keep_vars=True).items() if is_dtensor(v)}
 
 
-@dataclass
-class LocalShards:
-    """This rank's local tensor for every DTensor state-dict name (tied names share one)."""
+def sharded_layouts(model: nn.Module, shapes: dict[str, tuple[int, ...]], wanted: set[str], group,
+                    world_size: int) -> dict[str, Layout]:
+    """(coordinator) The layout of every wanted DTensor that is not replicated on every rank.
 
-    tensors: dict[str, torch.Tensor]
-    restore: Callable[[], None]
+    DTensors replicated everywhere are left to the broadcast path.
+    """
+    out = {}
+    for name, sharding in shardings(model, group).items():
+        if name in shapes and name in wanted:
+            layout = layout_of(shapes[name], sharding, world_size)
+            if not layout.replicated:
+                out[name] = layout
+    return out
 
 
-def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> LocalShards:
+def materialize_dtensors(model: nn.Module, device: torch.device,
+                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """(every rank) Give meta DTensors real local memory on ``device``, keeping their identity.
 
-    ``dtype`` casts floating-point DTensor parameters, like the replicated path.
-    Plain tensors are left to :func:`distload.place.materialize`.
+    Returns this rank's local tensor for every DTensor state-dict name (tied
+    names share one). ``dtype`` casts floating-point DTensor parameters, like
+    the replicated path. Plain tensors are left to
+    :func:`distload.place.materialize`; :func:`restore_dtensors` undoes this,
+    also after a failure part-way.
     """
     params = {id(p) for p in model.parameters()}
 
@@ -97,11 +107,6 @@ def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dt
 
     with torch.no_grad():
         model._apply(empty)
-
-    def restore() -> None:
-        with torch.no_grad():
-            model._apply(lambda t: torch.empty_like(t, device="meta") if is_dtensor(t) else t)
-
     tensors = {}
     for k, v in model.state_dict(keep_vars=True).items():
         if is_dtensor(v):
@@ -110,4 +115,10 @@ def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dt
                 raise DistLoadError(f"{k}: the local shard is not a contiguous tensor on {device} "
                                     f"(device {local.device}); build the mesh on the load's device type")
             tensors[k] = local
-    return LocalShards(tensors, restore)
+    return tensors
+
+
+def restore_dtensors(model: nn.Module) -> None:
+    """(every rank) Put every DTensor of ``model`` back on the meta device."""
+    with torch.no_grad():
+        model._apply(lambda t: torch.empty_like(t, device="meta") if is_dtensor(t) else t)

@@ -14,38 +14,38 @@ Note on failure handling:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
-from .comm import Comm, describe, format_traceback
+from .comm import Comm, TorchComm, describe
+from .dtensor import has_dtensors, sharded_layouts
 from .errors import DistLoadError, add_context
 from .index import local_root, read_checkpoint
 from .place import (
-    Destinations,
+    Placement,
     alias_groups,
-    byte_view,
-    can_take_direct,
-    materialize,
+    local_bytes,
     meta_buffers_not_loaded,
+    model_placement,
     model_signature,
+    tied_duplicates,
     torch_dtype,
-    write_piece,
 )
-from .plan import DEFAULT_BUCKET_MB, Chunk, LoadPlan, build_plan
-from .reader import BufferPool, ChunkReader, open_verified
-from .scatter import transfer_sharded
-from .shard_plan import READ_POLICIES
-from .sharded import attach_sharded, local_bytes, sharded_destinations
+from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
+from .reader import open_verified
 from .report import LoadReport, peak_rss_bytes
+from .shard_plan import READ_POLICIES, build_shard_plan
+from .storage import is_local_storage
+from .transfer import transfer
 
 
 # How long a survivor of a timed-out collective waits for the others to check in.
@@ -117,10 +117,9 @@ def load_checkpoint(
         report = distload.load_checkpoint(model, "/ckpt/llama", device="cuda")
         print(report.summary())
     """
+    _check_read_policy(read_policy)
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    if read_policy not in READ_POLICIES:
-        raise DistLoadError(f"read_policy must be one of {', '.join(READ_POLICIES)}, not {read_policy!r}")
     return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype,
                  read_policy=read_policy).run()
 
@@ -176,12 +175,17 @@ def plan_checkpoint(
     for DTensor (FSDP2 / TP) parameters the scatter and slice schedule in
     ``plan.sharded``.
     """
+    _check_read_policy(read_policy)
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    if read_policy not in READ_POLICIES:
-        raise DistLoadError(f"read_policy must be one of {', '.join(READ_POLICIES)}, not {read_policy!r}")
     job = _Load(transport, dev, path, strict, bucket_mb, False, model=model, dtype=None, read_policy=read_policy)
     return job.make_plan()
+
+
+def _check_read_policy(read_policy: str) -> None:
+    """(every rank, before any collective) Refuse an unknown ``read_policy``."""
+    if read_policy not in READ_POLICIES:
+        raise DistLoadError(f"read_policy must be one of {', '.join(READ_POLICIES)}, not {read_policy!r}")
 
 
 class _Load:
@@ -193,6 +197,7 @@ class _Load:
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
         self.read_policy = read_policy
         self.local_bytes = 0
+        self.buffer_bytes = 0
         self.bucket_mb, self.model, self.dtype = bucket_mb, model, dtype
         self.progress = (sys.stderr.isatty() if progress is None else progress) and comm.rank == 0
         self.phase = "start"
@@ -203,8 +208,14 @@ class _Load:
     # ---- phases -------------------------------------------------------------
 
     def run(self) -> LoadReport:
+        """(all ranks) plan -> open -> transfer -> finish.
+
+        On any failure, in any phase, every parameter goes back to the meta
+        device (``Placement.restore``; the placement undoes itself if it
+        fails part-way) and every rank raises the same :class:`DistLoadError`.
+        """
         t0 = time.perf_counter()
-        dests: Destinations | None = None
+        placement: Placement | None = None
         fds: dict[int, int] = {}
         ok = False
         try:
@@ -213,37 +224,30 @@ class _Load:
             error = None
             step = f"allocating this rank's tensors on {self.device}"
             try:
-                dests = self._destinations(plan)
+                placement = self._placement(plan)
                 step = "opening this rank's files"
-                fds = self._open_files(plan, fds)
+                self._open_files(plan, fds)
             except Exception as e:
                 error = add_context(e, step)
             self.comm.agree("open", error)
+            assert placement is not None
             self.phase = "transfer"
-            bytes_read, chunks = self._transfer(plan, dests, fds)
-            if plan.sharded is not None:
-                assert dests is not None
-                more_read, more_chunks = transfer_sharded(self.comm, plan, plan.sharded, dests.tensors, fds)
-                bytes_read, chunks = bytes_read + more_read, chunks + more_chunks
+            bar = _progress_bar(plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0)) \
+                if self.progress else None
+            try:
+                bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
             seconds = time.perf_counter() - t0
             self.phase = "finish"
-            # The report travels in the one gather this phase needs; a rank that
-            # cannot build its report sends its error instead, so none waits.
-            report: LoadReport | None = None
-            local: Exception | None = None
-            try:
-                report = self._report(plan, bytes_read, chunks, seconds)
-                mine = (report.to_dict(), None, None)
-            except Exception as e:
-                local, mine = e, (None, describe(e), format_traceback(e))
-            gathered = self.comm.all_gather_object(mine)
-            failed = {r: g[1] for r, g in enumerate(gathered) if g[1] is not None}
-            if failed:
-                raise DistLoadError.from_failures("finish", failed, {r: gathered[r][2] for r in failed}) from local
-            assert report is not None
-            report.ranks = [g[0] for g in gathered]
-            for r in report.ranks:
-                r.pop("ranks", None)
+            # The report travels in the one gather this phase needs.
+            gathered = self.comm.gather_or_raise(
+                "finish", lambda: self._report(plan, bytes_read, chunks, seconds).to_dict())
+            for d in gathered:
+                d.pop("ranks", None)
+            report = LoadReport.from_dict(gathered[self.comm.rank])
+            report.ranks = gathered
             ok = True
             return report
         except DistLoadError:
@@ -255,8 +259,8 @@ class _Load:
                 os.close(fd)
             if not ok:
                 self.state_dict = {}
-                if dests is not None:
-                    dests.restore()
+                if placement is not None:
+                    placement.restore()
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
@@ -281,48 +285,44 @@ class _Load:
     def make_plan(self) -> LoadPlan:
         """(all ranks) Exchange rank info; rank 0 validates and plans; all receive the plan."""
         self.phase = "plan"
+        sig: dict = {}
+
+        def mine() -> tuple:
+            nonlocal sig
+            sig = model_signature(self.model) if self.model is not None else {}
+            return rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
+
         # Any rank's local failure rides in the first gather, so no rank is
         # left waiting for the plan broadcast.
-        local: Exception | None = None
-        sig: dict = {}
-        try:
-            me = rank_info(self.comm.rank)
-            sig = model_signature(self.model) if self.model is not None else {}
-            digest = hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
-            mine = (me, digest, None)
-        except Exception as e:
-            local, mine = e, (None, None, (describe(e), format_traceback(e)))
-        gathered = self.comm.all_gather_object(mine)
-        bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
-        if bad:
-            raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
-                                              {r: m[1] for r, m in bad.items()}) from local
-        result: tuple | None = None
-        error: Exception | None = None
-        if self.comm.rank == 0:
-            try:
-                differ = [r for r, (_, d, _) in enumerate(gathered) if d != digest]
-                if differ:
-                    raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
-                                        "every rank must build the same model")
-                ckpt = read_checkpoint(self.path, strict=self.strict)
-                match = self._match(ckpt, sig) if self.model is not None else None
-                wanted = set(match.wanted) if match else None
-                plan = attach_sharded(self.model, ckpt, self.comm, [i for i, _, _ in gathered], wanted,
-                                      bucket_mb=self.bucket_mb, read_policy=self.read_policy) \
-                    if self.model is not None else None
-                if plan is None:
-                    plan = build_plan(ckpt, [i for i, _, _ in gathered], bucket_mb=self.bucket_mb, wanted=wanted)
-                result = (plan, match, None)
-            except Exception as e:
-                error = e
-                result = (None, None, (describe(e), format_traceback(e)))
-        plan, match, msg = self.comm.broadcast_object(result, src=0)
-        if msg is not None:
-            raise DistLoadError.from_failures("plan", {0: msg[0]}, {0: msg[1]}) from error
+        gathered = self.comm.gather_or_raise("plan", mine)
+        plan, match = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))
         if match is not None:
             self.match = match
         return plan
+
+    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, _Match | None]:
+        """(coordinator) Validate the checkpoint against the model and build the plan."""
+        digest = gathered[0][1]
+        differ = [r for r, (_, d) in enumerate(gathered) if d != digest]
+        if differ:
+            raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
+                                "every rank must build the same model")
+        ranks = [i for i, _ in gathered]
+        ckpt = read_checkpoint(self.path, strict=self.strict)
+        if self.model is None:
+            return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None
+        match = self._match(ckpt, sig)
+        wanted = set(match.wanted)
+        if not has_dtensors(self.model):
+            return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted), match
+        shapes = {t.name: tuple(t.shape) for f in ckpt.files for t in f.tensors}
+        group = self.comm.group if isinstance(self.comm, TorchComm) else None
+        layouts = sharded_layouts(self.model, shapes, wanted, group, self.comm.world_size)
+        plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted - set(layouts))
+        sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=self.comm.world_size,
+                              bucket_bytes=plan.bucket_bytes, read_policy=self.read_policy,
+                              local_storage=is_local_storage(ckpt.root))
+        return dataclasses.replace(plan, sharded=sp), match
 
     def _match(self, ckpt, sig: dict) -> _Match:
         """(coordinator) Compare checkpoint keys with the model's; raise under strict."""
@@ -330,7 +330,8 @@ class _Load:
         shapes = {t.name: t.shape for f in ckpt.files for t in f.tensors}
         aliases = alias_groups(self.model)
         have = set(shapes)
-        wanted = have & set(sig)
+        # Tied weights stored under several names: the tensor's own name wins.
+        wanted = (have & set(sig)) - tied_duplicates(self.model, have)
         bad = [f"{k}: checkpoint {list(shapes[k])} vs model {list(sig[k][0])}"
                for k in sorted(wanted) if tuple(shapes[k]) != sig[k][0]]
         if bad:
@@ -352,7 +353,7 @@ class _Load:
                 "build the model under distload.empty_init(), which keeps buffers real")
         return _Match(frozenset(wanted), tuple(missing), tuple(unexpected))
 
-    def _open_files(self, plan: LoadPlan, fds: dict[int, int]) -> dict[int, int]:
+    def _open_files(self, plan: LoadPlan, fds: dict[int, int]) -> None:
         """(owner ranks) Open and verify this rank's files under its own view of the path.
 
         Fills ``fds`` as it goes, so the caller closes whatever was opened
@@ -362,14 +363,13 @@ class _Load:
         if plan.sharded is not None:  # files this rank reads its own slices from
             mine += sorted({c.file for c in plan.sharded.slices if c.owner == self.comm.rank} - set(mine))
         if not mine:
-            return fds
+            return
         root = local_root(self.path)
         for i in mine:
             fds[i] = open_verified(plan, i, root)
-        return fds
 
-    def _destinations(self, plan: LoadPlan) -> Destinations:
-        """(every rank) Real memory for everything this rank will receive."""
+    def _placement(self, plan: LoadPlan) -> Placement:
+        """(every rank, locally) Real memory for everything this rank will receive."""
         if self.model is None:
             tensors = {}
             for name, shape in plan.shapes.items():
@@ -377,102 +377,16 @@ class _Load:
                 want = self.dtype if (self.dtype is not None and st.is_floating_point) else st
                 tensors[name] = torch.empty(shape, dtype=want, device=self.device)
             self.state_dict = tensors
-            return Destinations(tensors, {}, lambda: None)
+            return Placement(tensors, plan.dtypes)
         was_meta = {k for k, v in self.model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
-        dests = sharded_destinations(self.model, self.device, self.dtype, plan, materialize, self.comm.rank)
-        for name in self.match.missing:  # strict=False: reported as missing
-            if name in was_meta:  # defined values; real tensors (computed buffers) keep theirs
-                dests.tensors[name].zero_()
-        self.local_bytes = local_bytes(dests.tensors)
-        return dests
-
-    def _transfer(self, plan: LoadPlan, dests: Destinations, fds: dict[int, int]) -> tuple[int, int]:
-        """(all ranks) Walk the shared schedule: owners read, everyone receives and places."""
-        comm, rank = self.comm, self.comm.rank
-        host = torch.device("cpu")
-        on_host = comm.device.type == "cpu"
-        # On CPU one pool serves reading and receiving; on GPU the reads stage
-        # through pinned host buffers and chunks land in a device buffer.
-        pool = BufferPool(2, plan.bucket_bytes, host, pin=not on_host)
-        dev_pool = pool if on_host else BufferPool(1, plan.bucket_bytes, comm.device)
-        chunks = [c for c in plan.chunks if c.nbytes]
-        mine = [c for c in chunks if c.owner == rank]
-
-        def in_place(chunk: Chunk, device: torch.device) -> torch.Tensor | None:
-            if not chunk.direct:
-                return None
-            p = chunk.pieces[0]
-            dest = dests.tensors[p.name]
-            if not can_take_direct(dest, plan.dtypes[p.name], device):
-                return None
-            return byte_view(dest)[p.tensor_offset : p.tensor_offset + p.nbytes]
-
-        reader = ChunkReader(plan, fds, mine, pool, lambda c: in_place(c, host) if on_host else None)
-        bar = _progress_bar(plan.total_bytes) if self.progress else None
-        error: BaseException | None = None
-        try:
-            for chunk in chunks:
-                buf, release = None, []
-                if error is None:
-                    try:
-                        buf, release = self._source(chunk, reader, pool, dev_pool, in_place)
-                    except Exception as e:
-                        error = e
-                if comm.failed_ranks(error is not None):
-                    comm.raise_agreed("transfer", error)
-                comm.broadcast_(buf, chunk.owner)
-                try:
-                    if release or in_place(chunk, comm.device) is None:
-                        for p in chunk.pieces:
-                            try:
-                                write_piece(dests.tensors[p.name], p, buf, plan.dtypes[p.name])
-                            except Exception as e:
-                                raise add_context(e, f"placing {p.name!r} from {plan.files[chunk.file].name}")
-                except Exception as e:
-                    error = e
-                for p_, b in release:
-                    p_.release(b)
-                if bar is not None:
-                    bar.update(chunk.nbytes)
-            comm.agree("transfer", error)
-        finally:
-            reader.close()
-            if bar is not None:
-                bar.close()
-        return reader.bytes_read, len(chunks)
-
-    def _source(self, chunk: Chunk, reader: ChunkReader, pool: BufferPool, dev_pool: BufferPool,
-                in_place: Callable) -> tuple[torch.Tensor, list]:
-        """(every rank, per chunk) The buffer this rank passes to the broadcast.
-
-        Owners get it from the reader (moving it to the device on GPUs);
-        receivers take the destination's own memory when they can, else a
-        pool buffer. Returns the buffer and the (pool, buffer) pairs to free.
-        """
-        comm = self.comm
-        if chunk.owner == comm.rank:
-            got, buf, pooled, err = reader.next()
-            if err is not None:
-                raise err
-            assert got is chunk, "reader and schedule disagree"
-            release = [(pool, buf)] if pooled else []
-            if comm.device.type == "cpu":
-                return buf, release
-            target = in_place(chunk, comm.device)
-            if target is None:
-                target = dev_pool.acquire(chunk.nbytes)
-                release_dev = [(dev_pool, target)]
-            else:
-                release_dev = []
-            target.copy_(buf)  # synchronous: the pinned buffer can be reused at once
-            for p_, b in release:
-                p_.release(b)
-            return target, release_dev
-        target = in_place(chunk, comm.device)
-        if target is not None:
-            return target, []
-        buf = dev_pool.acquire(chunk.nbytes)
-        return buf, [(dev_pool, buf)]
+        shards = plan.sharded.layouts if plan.sharded is not None else {}
+        placement = model_placement(
+            self.model, self.device, self.dtype, plan.dtypes,
+            local_shapes={k: v.local_shape(self.comm.rank) for k, v in shards.items()},
+            # strict=False: missing ones get defined values; real tensors (computed buffers) keep theirs
+            zero={k for k in self.match.missing if k in was_meta})
+        self.local_bytes = local_bytes(placement.dests)
+        return placement
 
     def _report(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
         me = rank_info(self.comm.rank)
@@ -494,6 +408,7 @@ class _Load:
             warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files],
             peak_rss_bytes=peak_rss_bytes(),
             chunks=chunks,
+            buffer_bytes=self.buffer_bytes,
         )
 
 

@@ -3,22 +3,23 @@
 Runs on every rank, locally. :func:`empty_init` builds models whose parameters
 live on the meta device (no memory, no init cost) while buffers stay real, so
 values computed in ``__init__`` (rotary ``inv_freq``, ``position_ids``)
-survive. :func:`materialize` then gives every parameter real, uninitialized
-memory on the target device, exactly once, keeping tied weights tied.
+survive. :func:`model_placement` then gives every parameter real,
+uninitialized memory on the target device, exactly once, keeping tied
+weights tied, and returns the :class:`Placement` the transfer loop writes
+through. Nothing here talks to other ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import DistLoadError
 from .dtensor import is_dtensor
-from .plan import Piece
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,42 +43,116 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
 def empty_init() -> Iterator[None]:
     """Build modules with parameters on the meta device and real buffers.
 
+    ``accelerate.init_empty_weights(include_buffers=False)`` under distload's
+    name: buffers computed in ``__init__`` (rotary ``inv_freq``,
+    ``position_ids``) keep their values. One difference: a parameter that is
+    already on meta is registered as itself, so weights tied by assignment
+    inside the block (``head.weight = embed.weight``) stay one object
+    (accelerate would make a second meta parameter and untie them).
+
     Example::
 
         with distload.empty_init():
             model = MyModel(config)        # no parameter memory, no init cost
         distload.load_checkpoint(model, "/ckpt")
     """
-    original = nn.Module.register_parameter
+    from accelerate import init_empty_weights
 
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        p = module._parameters.get(name)
-        if p is not None and p.device.type != "meta":
-            extra = {k: v for k, v in p.__dict__.items()}
-            meta = type(p)(p.detach().to("meta"), requires_grad=p.requires_grad)
-            meta.__dict__.update(extra)
-            module._parameters[name] = meta
+    plain = nn.Module.register_parameter
+    with init_empty_weights(include_buffers=False):
+        to_meta = nn.Module.register_parameter
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+            if param is not None and param.device.type == "meta":
+                plain(module, name, param)
+            else:
+                to_meta(module, name, param)
+
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
 
 
-@dataclass
-class Destinations:
-    """Where each checkpoint key's bytes go on this rank.
+class Placement:
+    """(every rank, locally) Where each checkpoint key's bytes go on this rank, and putting them there.
 
-    ``tensors`` maps every state-dict name (tied aliases included) to its
-    contiguous destination tensor; ``restore`` puts the model back on the meta
-    device, so a failed load never leaves a half-filled model that looks usable.
+    The transfer loop asks only two things, and learns nothing else about
+    the model (casts, DTensor local shards, tied names, key conversions):
+
+    - :meth:`resolve`: a byte view of the destination's own memory when a
+      byte range of a checkpoint tensor can land there unchanged, else None;
+    - :meth:`commit`: that byte range landed in a buffer instead; copy it
+      into place, casting from the checkpoint dtype.
+
+    ``dests[key]`` is a view of the tensor that checkpoint key ``key`` fills
+    on this rank: a whole parameter, a DTensor's local shard, or a slice of a
+    larger tensor (one expert of a fused weight), contiguous or not.
+    ``dtypes[key]`` is the key's safetensors dtype. ``restore`` puts the
+    model back on the meta device, so a failed load never leaves a
+    half-filled model that looks usable.
     """
 
-    tensors: dict[str, torch.Tensor]
-    aliases: dict[str, tuple[str, ...]]  # name -> every name sharing its storage
-    restore: Callable[[], None]
+    def __init__(self, dests: dict[str, torch.Tensor], dtypes: dict[str, str],
+                 restore: Callable[[], None] = lambda: None):
+        self.dests, self.dtypes, self.restore = dests, dtypes, restore
+
+    def resolve(self, name: str, offset: int, nbytes: int, device: torch.device) -> torch.Tensor | None:
+        """Bytes ``[offset, offset + nbytes)`` of ``name``'s checkpoint data, as destination memory.
+
+        None when they cannot land in place: a cast is needed, the destination
+        is not contiguous, or it lives on another device than ``device``.
+        """
+        dest = self.dests[name]
+        if dest.dtype != TORCH_DTYPES.get(self.dtypes[name]) or not dest.is_contiguous() or dest.device != device:
+            return None
+        return byte_view(dest)[offset : offset + nbytes]
+
+    def commit(self, name: str, offset: int, src: torch.Tensor) -> None:
+        """Bytes ``[offset, offset + len(src))`` of ``name``'s checkpoint data landed in ``src``: place them.
+
+        ``src`` is a flat uint8 tensor (any device); ``offset`` is element-aligned.
+        """
+        dest = self.dests[name]
+        st = torch_dtype(self.dtypes[name])
+        if dest.dtype == st and dest.is_contiguous():
+            byte_view(dest)[offset : offset + src.numel()].copy_(src)
+            return
+        if src.storage_offset() % st.itemsize:
+            src = src.clone()  # reinterpreting needs element alignment; rare in real files
+        write_flat(dest, offset // st.itemsize, src.view(st))
+
+
+def write_flat(dest: torch.Tensor, first: int, values: torch.Tensor) -> None:
+    """Write 1-D ``values`` at row-major positions ``[first, first + len)`` of ``dest``, in place.
+
+    ``dest`` may be any strided view (a non-contiguous slice of a larger
+    tensor); ``values`` is cast to ``dest``'s dtype.
+    """
+    n = values.numel()
+    if n == 0:
+        return
+    if dest.is_contiguous():
+        dest.view(-1)[first : first + n].copy_(values)
+        return
+    if dest.dim() == 1:
+        dest[first : first + n].copy_(values)
+        return
+    row = math.prod(dest.shape[1:])
+    r, o = divmod(first, row)
+    done = 0
+    if o:  # the tail of a partly covered first row
+        done = min(row - o, n)
+        write_flat(dest[r], o, values[:done])
+        r += 1
+    full = (n - done) // row
+    if full:
+        dest[r : r + full].copy_(values[done : done + full * row].view(full, *dest.shape[1:]))
+        done += full * row
+        r += full
+    if done < n:  # the head of a partly covered last row
+        write_flat(dest[r], 0, values[done:])
 
 
 def model_signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -86,45 +161,51 @@ def model_signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def alias_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Names that share one tensor (tied weights), for each state-dict name."""
+    """Names that share one tensor (tied weights), for each state-dict name; the tensor's own name first.
+
+    The own name is the one ``model.named_parameters()`` (or
+    ``named_buffers()``) gives: the module that registered it first.
+    """
+    own = {id(t): n for n, t in model.named_parameters()}
+    own.update({id(t): n for n, t in model.named_buffers() if id(t) not in own})
     by_id: dict[int, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         by_id.setdefault(id(t), []).append(name)
-    return {n: tuple(group) for group in by_id.values() for n in group}
+    out = {}
+    for key, group in by_id.items():
+        group.sort(key=lambda n: n != own.get(key))
+        out.update({n: tuple(group) for n in group})
+    return out
 
 
-def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Destinations:
+def tied_duplicates(model: nn.Module, stored: set[str]) -> set[str]:
+    """Stored names that fill a tensor another stored name fills too: they are not loaded.
+
+    When a checkpoint stores tied weights under several names, the tensor's
+    own name wins (as in transformers), whatever the values; otherwise the
+    first stored alias in state-dict order.
+    """
+    skip: set[str] = set()
+    for group in set(alias_groups(model).values()):
+        present = [n for n in group if n in stored]
+        skip.update(present[1:])
+    return skip
+
+
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+                undo: list) -> dict[str, torch.Tensor]:
     """(every rank) Give meta parameters real memory on ``device``; move buffers there.
 
     ``dtype`` casts floating-point parameters (not buffers such as masks).
     Parameters that were already real are moved, not reallocated, if needed.
+    Appends to ``undo`` before each change, so :func:`restore_plain` undoes
+    even a materialization that failed part-way. Returns every state-dict
+    name's tensor; DTensors are left to :func:`distload.dtensor.materialize_dtensors`.
     """
     replaced: dict[int, nn.Parameter] = {}
-    undo: list[tuple[nn.Module, str, str, torch.Tensor]] = []
-
-    def restore() -> None:
-        # Parameters go back to meta (some may share memory that was partly
-        # written); buffers get their original tensors back, which were only
-        # copied from, so a failed load can simply be retried.
-        for module, slot, name, old in reversed(undo):
-            keep = slot == "_buffers" or old.device.type == "meta"
-            getattr(module, slot)[name] = old if keep else old.to("meta")
-        undo.clear()
-
-    try:
-        _materialize_into(model, device, dtype, replaced, undo)
-    except BaseException:
-        restore()  # an allocation failed part-way: leave nothing half-materialized
-        raise
-    tensors = {k: v.data if isinstance(v, nn.Parameter) else v for k, v in model.state_dict(keep_vars=True).items()}
-    return Destinations(tensors, alias_groups(model), restore)
-
-
-def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                      replaced: dict[int, nn.Parameter], undo: list) -> None:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
-            if p is None or is_dtensor(p):  # DTensors are filled in place (distload.dtensor)
+            if p is None or is_dtensor(p):
                 continue
             new = replaced.get(id(p))
             if new is None:
@@ -150,6 +231,57 @@ def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype
                 continue
             undo.append((module, "_buffers", name, b))
             module._buffers[name] = new_b
+    return {k: v.data if isinstance(v, nn.Parameter) else v for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def restore_plain(undo: list) -> None:
+    """Undo :func:`materialize`: parameters go back to meta, buffers get their original tensors.
+
+    Parameters may share memory that was partly written, so none keeps it;
+    original buffers were only copied from, so a failed load can be retried.
+    """
+    for module, slot, name, old in reversed(undo):
+        keep = slot == "_buffers" or old.device.type == "meta"
+        getattr(module, slot)[name] = old if keep else old.to("meta")
+    undo.clear()
+
+
+def model_placement(model: nn.Module, device: torch.device, dtype: torch.dtype | None, st_dtypes: dict[str, str],
+                    local_shapes: dict[str, tuple[int, ...]], zero: set[str]) -> Placement:
+    """(every rank, locally) Real memory for every tensor of ``model`` on this rank, as a :class:`Placement`.
+
+    DTensors get their local shards in place, each checked against
+    ``local_shapes`` (the plan's view of this rank's shard); plain tensors are
+    materialized whole. Names in ``zero`` (missing from the checkpoint, were
+    on meta) are zero-filled. If anything fails part-way, every tensor is put
+    back before the error propagates; after success the placement's
+    ``restore`` does the same.
+    """
+    from . import dtensor
+
+    undo: list = []
+    dtensors = dtensor.has_dtensors(model)
+
+    def restore() -> None:
+        restore_plain(undo)
+        if dtensors:
+            dtensor.restore_dtensors(model)
+
+    try:
+        local = dtensor.materialize_dtensors(model, device, dtype) if dtensors else {}
+        tensors = materialize(model, device, dtype, undo)
+        tensors.update(local)
+        for name, shape in local_shapes.items():
+            t = local.get(name)
+            if t is not None and tuple(t.shape) != tuple(shape) and (t.numel() or math.prod(shape)):
+                raise DistLoadError(f"{name}: local shard is {list(t.shape)} but the plan expects {list(shape)}; "
+                                    "does every rank shard the model the same way?")
+        for name in zero:
+            tensors[name].zero_()
+    except BaseException:
+        restore()
+        raise
+    return Placement(tensors, st_dtypes, restore)
 
 
 def meta_buffers_not_loaded(model: nn.Module, loaded: set[str]) -> list[str]:
@@ -169,21 +301,12 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def can_take_direct(dest: torch.Tensor, st_dtype: str, device: torch.device) -> bool:
-    """True when chunk bytes can land in ``dest``'s memory with no conversion."""
-    return dest.dtype == TORCH_DTYPES.get(st_dtype) and dest.is_contiguous() and dest.device == device
-
-
-def write_piece(dest: torch.Tensor, piece: Piece, src: torch.Tensor, st_dtype: str) -> None:
-    """Copy one piece out of a chunk buffer into ``dest``, casting if needed."""
-    raw = src[piece.chunk_offset : piece.chunk_offset + piece.nbytes]
-    src_dtype = torch_dtype(st_dtype)
-    if dest.dtype == src_dtype:
-        byte_view(dest)[piece.tensor_offset : piece.tensor_offset + piece.nbytes].copy_(raw)
-        return
-    size = torch.empty((), dtype=src_dtype).element_size()
-    first = piece.tensor_offset // size
-    if raw.storage_offset() % size:
-        raw = raw.clone()  # reinterpreting needs element alignment; rare in real files
-    values = raw.view(src_dtype)
-    dest.view(-1)[first : first + values.numel()].copy_(values)
+def local_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of this rank's destinations, each storage range counted once (tied weights)."""
+    seen, total = set(), 0
+    for t in tensors.values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

@@ -23,9 +23,12 @@ from .plan import Chunk, LoadPlan
 
 
 class BufferPool:
-    """A fixed number of reusable byte buffers, allocated on first use.
+    """A fixed number of reusable byte buffers of ``nbytes`` each, allocated on first use.
 
-    ``acquire`` blocks until one is free; ``close`` wakes any waiter.
+    ``acquire`` blocks until one is free; ``close`` wakes any waiter. Asking
+    for more than ``nbytes`` is an error, never a silently shorter buffer:
+    callers size the pool for the largest item they will put in it.
+    ``allocated_bytes`` counts what the pool has allocated so far.
     """
 
     def __init__(self, count: int, nbytes: int, device: torch.device, pin: bool = False):
@@ -35,7 +38,13 @@ class BufferPool:
         self._cv = threading.Condition()
         self._closed = False
 
+    @property
+    def allocated_bytes(self) -> int:
+        return self._made * self._nbytes
+
     def acquire(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self._nbytes:
+            raise DistLoadError(f"a {nbytes}-byte buffer was asked of a pool of {self._nbytes}-byte buffers")
         with self._cv:
             while not self._free and self._made >= self._count:
                 if self._closed:

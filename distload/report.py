@@ -34,6 +34,13 @@ class LoadReport:
     node: str = ""  # the plan's node key: hostname, plus the launcher's node rank when known
     local_bytes: int = 0  # bytes of model tensors this rank holds (its shards, plus replicated tensors)
     read_policy: dict[str, str] = field(default_factory=dict)  # DTensor name -> "scatter" | "slice"
+    buffer_bytes: int = 0  # transfer buffers this rank allocated (reads, receives, sends), beyond its tensors
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoadReport":
+        """The report :meth:`to_dict` gave (without its ``ranks``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"ranks"}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def gbps(self) -> float:

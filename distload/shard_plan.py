@@ -58,8 +58,12 @@ class Part:
 class ScatterChunk:
     """One scatter: the owner reads ``[start, start + nbytes)`` and rank r gets ``parts[r]``.
 
-    Every rank's segment is padded to ``seg_bytes`` so the collective moves
-    equal sizes (what gloo and MPI_Scatter need).
+    The scatter runs over ``ranks``: the owner and every rank on the meshes
+    of the chunk's tensors (a tensor on a 2-rank submesh of a 16-rank job is
+    scattered over 2 or 3 ranks, not 16). ``parts`` is indexed by global
+    rank and empty outside ``ranks``. Every segment is padded to
+    ``seg_bytes`` so the collective moves equal sizes (what gloo and
+    MPI_Scatter need).
     """
 
     file: int
@@ -69,6 +73,12 @@ class ScatterChunk:
     slabs: tuple[Slab, ...]
     parts: tuple[tuple[Part, ...], ...]
     seg_bytes: int
+    ranks: tuple[int, ...] = ()  # the ranks the scatter runs over, sorted
+
+    @property
+    def send_bytes(self) -> int:
+        """The padded send buffer: one segment per rank in ``ranks``."""
+        return self.seg_bytes * len(self.ranks)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class ShardPlan:
     @property
     def send_bytes(self) -> int:
         """The largest padded send buffer any scatter needs."""
-        return max((c.seg_bytes * len(c.parts) for c in self.scatters), default=0)
+        return max((c.send_bytes for c in self.scatters), default=0)
 
 
 def choose_policy(layout: Layout, requested: str, itemsize: int, local_storage: bool) -> str:
@@ -163,11 +173,14 @@ def _scatter_chunks(file_idx: int, shard: ShardFile, owner: int, tensors: list, 
     """Cut one file's scattered tensors into row blocks and coalesce neighbours.
 
     A chunk's weight is its bytes times the tensor's replication, which bounds
-    the padded send buffer to about one bucket as well as the read.
+    the padded send buffer to about one bucket as well as the read. Only
+    tensors on the same ranks share a chunk, so each scatter runs over its
+    tensors' own mesh.
     """
     out: list[ScatterChunk] = []
     slabs: list[tuple[Slab, object]] = []
     start = end = weight = 0
+    group: tuple[int, ...] = ()
 
     def close() -> None:
         nonlocal slabs
@@ -183,6 +196,10 @@ def _scatter_chunks(file_idx: int, shard: ShardFile, owner: int, tensors: list, 
         row_bytes = t.nbytes // rows
         rep = layout.replication
         per_block = max(1, bucket_bytes // max(1, row_bytes * rep))
+        holders = tuple(r for r, region in enumerate(layout.regions) if region is not None)
+        if holders != group:
+            close()
+            group = holders
         for a in range(0, rows, per_block):
             b = min(rows, a + per_block)
             pos = shard.data_offset + t.start + a * row_bytes
@@ -221,4 +238,7 @@ def _make_chunk(file_idx: int, owner: int, start: int, nbytes: int, slabs: list,
             off += n
         parts.append(tuple(mine))
     seg = max((p[-1].seg_offset + p[-1].nbytes for p in parts if p), default=0)
-    return ScatterChunk(file_idx, owner, start, nbytes, tuple(s for s, _ in slabs), tuple(parts), -(-seg // 8) * 8)
+    group = {owner} | {r for slab, _ in slabs for r, region in enumerate(layouts[slab.name].regions)
+                       if region is not None}
+    return ScatterChunk(file_idx, owner, start, nbytes, tuple(s for s, _ in slabs), tuple(parts), -(-seg // 8) * 8,
+                        tuple(sorted(group)))

@@ -106,18 +106,18 @@ def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_r
 
 def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:
     """(every rank) Load into a model with a cast; the last rank's third placement raises."""
-    import distload.loader
+    import distload.place
 
     if rank == world - 1:
-        real, calls = distload.loader.write_piece, [0]
+        real, calls = distload.place.Placement.commit, [0]
 
-        def failing(dest, piece, src, st_dtype):
+        def failing(self, name, offset, src):
             calls[0] += 1
             if calls[0] == 3:
                 raise RuntimeError("injected placement failure")
-            return real(dest, piece, src, st_dtype)
+            return real(self, name, offset, src)
 
-        distload.loader.write_piece = failing
+        distload.place.Placement.commit = failing
     with distload.empty_init():
         model = _Sized()
     t0 = time.monotonic()
