@@ -275,3 +275,108 @@ def test_a_dedicated_group_timeout_bounds_the_load_and_names_the_stalled_rank(si
     assert "rank(s) 1 did not respond" in rank0["message"] and 1 in rank0["failures"]
     assert rank0["seconds"] < 11, "the group's 3 s timeout (plus a 3 s check-in) bounds the wait, not the stall"
     assert rank1["kind"] == "DistLoadError"
+
+
+# ---- allocation and write failures, replicated and FSDP2 ----------------------------
+
+def _fails_on_last(rank: int, world: int, path: str, fault: str, model_kind: str, policy: str) -> dict:
+    """(every rank) Load with a cast; on the last rank the first buffer allocation or write fails.
+
+    ``fault="alloc"``: the main thread's first ``BufferPool.acquire`` (a
+    receive buffer, allocated before the collective) raises MemoryError.
+    ``fault="write"``: the first ``Placement.commit`` (casting bytes into
+    place) raises. ``model_kind`` is ``replicated`` or ``fsdp``.
+    """
+    import threading
+
+    import distload.place
+    import distload.reader
+    from test_fsdp import _fsdp_odd
+
+    if rank == world - 1:
+        if fault == "alloc":
+            real_acquire = distload.reader.BufferPool.acquire
+
+            def acquire(self, nbytes):
+                if threading.current_thread() is threading.main_thread():
+                    raise MemoryError("injected allocation failure")
+                return real_acquire(self, nbytes)
+
+            distload.reader.BufferPool.acquire = acquire
+        else:
+            def commit(self, name, offset, src):
+                raise RuntimeError("injected write failure")
+
+            distload.place.Placement.commit = commit
+    if model_kind == "fsdp":
+        model = _fsdp_odd(world)
+    else:
+        with distload.empty_init():
+            model = _Sized()
+    t0 = time.monotonic()
+    try:
+        distload.load_checkpoint(model, path, dtype=torch.bfloat16, bucket_mb=0.0002 if model_kind == "fsdp"
+                                 else BUCKET_MB, read_policy=policy)
+        rec = {"kind": "ok"}
+    except Exception as e:
+        rec = _outcome(e, rank)
+    rec["seconds"] = time.monotonic() - t0
+    rec["all_meta"] = all(t.is_meta for t in model.parameters())
+    return rec
+
+
+@pytest.mark.parametrize("fault,model_kind,policy", [
+    ("alloc", "replicated", "auto"),
+    ("alloc", "fsdp", "scatter"),
+    ("write", "fsdp", "scatter"),
+    ("write", "fsdp", "slice"),
+])
+def test_an_allocation_or_write_failure_on_one_rank_fails_every_rank_and_leaves_all_on_meta(
+        sized, tmp_path, fault, model_kind, policy):
+    from test_fsdp import write_odd
+
+    path = sized
+    if model_kind == "fsdp":
+        path = tmp_path / "odd.safetensors"
+        write_odd(path)
+    results = run_world(_fails_on_last, 2, str(path), fault, model_kind, policy, timeout=HANG_S)
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert rec["phase"] == "transfer" and list(rec["failures"]) == [1], rec
+        assert f"injected {'allocation' if fault == 'alloc' else 'write'} failure" in rec["message"]
+        assert rec["all_meta"], f"rank {r}: a failed load must leave every parameter on meta"
+        assert rec["seconds"] < LOAD_S
+
+
+def _sharded_differently_on_last(rank: int, world: int, path: str) -> dict:
+    """(every rank) FSDP2 load where the last rank shards ``a`` on dim 1 and every other rank on dim 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    with distload.empty_init():
+        model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    mesh = init_device_mesh("cpu", (world,))
+    dim = 1 if rank == world - 1 else 0
+    fully_shard(model[1], mesh=mesh)
+    fully_shard(model[0], mesh=mesh, shard_placement_fn=lambda p: Shard(dim if p.ndim == 2 else 0))
+    try:
+        distload.load_checkpoint(model, path)
+        rec = {"kind": "ok"}
+    except Exception as e:
+        rec = _outcome(e, rank)
+    rec["all_meta"] = all(t.is_meta for t in model.parameters())
+    return rec
+
+
+def test_a_dtensor_sharded_differently_on_one_rank_fails_every_rank_and_leaves_all_on_meta(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).state_dict().items()},
+              str(tmp_path / "m.safetensors"))
+    results = run_world(_sharded_differently_on_last, 2, str(tmp_path / "m.safetensors"), timeout=HANG_S)
+    for r, rec in enumerate(results):
+        assert rec["kind"] == "DistLoadError", f"rank {r}: {rec}"
+        assert rec["phase"] == "open" and list(rec["failures"]) == [1], rec
+        assert "0.weight: local shard is" in rec["message"]
+        assert rec["all_meta"], f"rank {r}: a failed load must leave every parameter on meta"

@@ -543,3 +543,33 @@ def test_index_key_missing_from_its_file(tmp_path):
     sd = m.state_dict()
     assert torch.equal(sd.pop("ghost.weight"), torch.zeros(3))
     assert_bit_identical(sd, ref, "lenient ghost")
+
+
+class _TiedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def _child_tied(rank, world, path):
+    with distload.empty_init():
+        model = _TiedTwice()
+    distload.load_checkpoint(model, path, bucket_mb=0.001)
+    return model.head.weight is model.embed.weight, model.embed.weight.detach().clone()
+
+
+def test_tied_weights_stored_under_both_names_load_the_parameters_own_name(tmp_path):
+    torch.manual_seed(0)
+    own, other = torch.randn(64, 32), torch.randn(64, 32)
+    save_file({"embed.weight": own, "head.weight": other}, str(tmp_path / "m.safetensors"))
+    for tied, value in run_world(_child_tied, 2, str(tmp_path / "m.safetensors")):
+        assert tied
+        assert torch.equal(value, own), "the name the parameter was registered under wins"
+
+
+def test_the_version_is_the_installed_packages():
+    import importlib.metadata
+
+    assert distload.__version__ == importlib.metadata.version("distload")
