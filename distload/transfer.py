@@ -97,12 +97,14 @@ class Transfer:
         return out
 
     def _pools(self) -> None:
+        """Buffer pools sized from the schedule, so no request is ever larger than a pool's buffers."""
         rank, device, bucket = self.comm.rank, self.comm.device, self.plan.bucket_bytes
         host = torch.device("cpu")
         on_host = device.type == "cpu"
         mine = [s for s in self.steps if s.item.owner == rank]
         reads = [s.item.nbytes for s in mine if s.kind != SLICE]
-        segs = [s.item.seg_bytes for s in self.steps if s.kind == SCATTER]
+        segs = [s.item.seg_bytes for s in self.steps
+                if s.kind == SCATTER and (rank in s.item.ranks or not self.comm.has_subgroups)]
         sends = [s.item.seg_bytes * self._segments(s.item) for s in mine if s.kind == SCATTER]
         slices = [s.item.nbytes for s in mine if s.kind == SLICE]
         read_bytes = max([bucket, *reads])
@@ -120,6 +122,7 @@ class Transfer:
     # ---- the loop -------------------------------------------------------------
 
     def run(self) -> int:
+        """(all ranks) Walk every step; returns the bytes this rank read."""
         comm, rank = self.comm, self.comm.rank
         self.groups = self._groups()
         self._pools()
