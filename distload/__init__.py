@@ -11,6 +11,7 @@ torch.distributed to every rank that needs them.
 
 from .bootstrap import init_distributed
 from .errors import DistLoadError
+from .index import resolve_checkpoint
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
 from .report import LoadReport
@@ -23,5 +24,6 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict",
     "plan_checkpoint",
+    "resolve_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -15,12 +15,13 @@ Note on FSDP2:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .dtypes import param_dtypes
 from .errors import DistLoadError
 from .shard import Placement, Sharding
 
@@ -81,18 +82,21 @@ class LocalShards:
     restore: Callable[[], None]
 
 
-def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> LocalShards:
+def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                         stored: Mapping[str, str] | None = None) -> LocalShards:
     """(every rank) Give meta DTensors real local memory on ``device``, keeping their identity.
 
-    ``dtype`` casts floating-point DTensor parameters, like the replicated path.
+    ``dtype`` and ``stored`` pick each DTensor parameter's dtype, like the
+    replicated path (:func:`distload.dtypes.param_dtypes`).
     Plain tensors are left to :func:`distload.place.materialize`.
     """
     params = {id(p) for p in model.parameters()}
+    want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)
 
     def empty(t: torch.Tensor) -> torch.Tensor:
         if not (is_dtensor(t) and t.is_meta):
             return t
-        want = dtype if (dtype is not None and id(t) in params and t.is_floating_point()) else t.dtype
+        want = want_of(t) if id(t) in params else t.dtype
         return torch.empty_like(t, device=device, dtype=want)
 
     with torch.no_grad():

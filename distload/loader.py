@@ -27,6 +27,7 @@ from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
 from .comm import Comm, describe, format_traceback
+from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .index import local_root, read_checkpoint
 from .place import (
@@ -37,7 +38,6 @@ from .place import (
     materialize,
     meta_buffers_not_loaded,
     model_signature,
-    torch_dtype,
     write_piece,
 )
 from .plan import DEFAULT_BUCKET_MB, Chunk, LoadPlan, build_plan
@@ -307,6 +307,8 @@ class _Load:
                                         "every rank must build the same model")
                 ckpt = read_checkpoint(self.path, strict=self.strict)
                 match = self._match(ckpt, sig) if self.model is not None else None
+                if self.model is None:  # the dtype each tensor lands in; refusals name the key
+                    plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors}, None, self.dtype)
                 wanted = set(match.wanted) if match else None
                 plan = attach_sharded(self.model, ckpt, self.comm, [i for i, _, _ in gathered], wanted,
                                       bucket_mb=self.bucket_mb, read_policy=self.read_policy) \
@@ -335,6 +337,9 @@ class _Load:
                for k in sorted(wanted) if tuple(shapes[k]) != sig[k][0]]
         if bad:
             raise DistLoadError("shape mismatch for " + "; ".join(bad))
+        plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors},  # refusals name the key
+                    {k: (v.dtype, isinstance(v, nn.Parameter))
+                     for k, v in self.model.state_dict(keep_vars=True).items() if k in wanted}, self.dtype)
         missing = sorted(k for k in sig if not any(a in have for a in aliases.get(k, (k,))))
         unexpected = sorted(have - set(sig))
         if self.strict and (missing or unexpected):
@@ -372,10 +377,9 @@ class _Load:
         """(every rank) Real memory for everything this rank will receive."""
         if self.model is None:
             tensors = {}
+            wants = plan_dtypes({k: plan.dtypes[k] for k in plan.shapes}, None, self.dtype)
             for name, shape in plan.shapes.items():
-                st = torch_dtype(plan.dtypes[name])
-                want = self.dtype if (self.dtype is not None and st.is_floating_point) else st
-                tensors[name] = torch.empty(shape, dtype=want, device=self.device)
+                tensors[name] = torch.empty(shape, dtype=wants[name], device=self.device)
             self.state_dict = tensors
             return Destinations(tensors, {}, lambda: None)
         was_meta = {k for k, v in self.model.state_dict(keep_vars=True).items() if v.device.type == "meta"}

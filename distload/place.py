@@ -10,32 +10,15 @@ memory on the target device, exactly once, keeping tied weights tied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import DistLoadError
 from .dtensor import is_dtensor
+from .dtypes import TORCH_DTYPES, param_dtypes, torch_dtype
 from .plan import Piece
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        TORCH_DTYPES[_name] = getattr(torch, _attr)
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[st_dtype]
-    except KeyError:
-        raise DistLoadError(f"dtype {st_dtype} is not supported by this torch build") from None
 
 
 @contextlib.contextmanager
@@ -93,11 +76,16 @@ def alias_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {n: tuple(group) for group in by_id.values() for n in group}
 
 
-def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Destinations:
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                stored: Mapping[str, str] | None = None) -> Destinations:
     """(every rank) Give meta parameters real memory on ``device``; move buffers there.
 
     ``dtype`` casts floating-point parameters (not buffers such as masks).
-    Parameters that were already real are moved, not reallocated, if needed.
+    ``stored`` (state-dict name -> safetensors dtype, the plan's ``dtypes``)
+    applies :func:`distload.dtypes.target_dtype`: only parameters stored as
+    F16/BF16/F32/F64 are cast; FP8/FP4 tensors and their scales get the
+    stored dtype. Parameters that were already real are moved, not
+    reallocated, if needed.
     """
     replaced: dict[int, nn.Parameter] = {}
     undo: list[tuple[nn.Module, str, str, torch.Tensor]] = []
@@ -112,7 +100,8 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
         undo.clear()
 
     try:
-        _materialize_into(model, device, dtype, replaced, undo)
+        want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)
+        _materialize_into(model, device, want_of, replaced, undo)
     except BaseException:
         restore()  # an allocation failed part-way: leave nothing half-materialized
         raise
@@ -120,7 +109,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
     return Destinations(tensors, alias_groups(model), restore)
 
 
-def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+def _materialize_into(model: nn.Module, device: torch.device, want_of: Callable[[torch.Tensor], torch.dtype],
                       replaced: dict[int, nn.Parameter], undo: list) -> None:
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -128,7 +117,7 @@ def _materialize_into(model: nn.Module, device: torch.device, dtype: torch.dtype
                 continue
             new = replaced.get(id(p))
             if new is None:
-                want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+                want = want_of(p)
                 if p.device.type == "meta":
                     data = torch.empty(p.shape, dtype=want, device=device)
                 elif p.device != device or p.dtype != want or not p.is_contiguous():

@@ -53,9 +53,9 @@ def sharded_destinations(model: nn.Module, device: torch.device, dtype: torch.dt
     Checks each local shard's shape against the plan's layout, so a sharding
     rank 0 computed differently from DTensor fails loudly before data moves.
     """
-    local = materialize_dtensors(model, device, dtype) if has_dtensors(model) else None
+    local = materialize_dtensors(model, device, dtype, plan.dtypes) if has_dtensors(model) else None
     try:
-        dests = materialize(model, device, dtype)
+        dests = materialize(model, device, dtype, plan.dtypes)
     except BaseException:
         if local is not None:
             local.restore()
