@@ -420,8 +420,9 @@ def parse_header(raw: bytes, file_size: int, name: str) -> ShardFile:
         raise DistLoadError(f"{name}: header is not a JSON object")
     data_offset = 8 + len(raw)
     data_len = file_size - data_offset
-    if len(doc) > MAX_TENSORS + 1:  # + __metadata__
-        raise DistLoadError(f"{name}: {len(doc)} header entries exceed the {MAX_TENSORS} tensor limit")
+    count = len(doc) - ("__metadata__" in doc)
+    if count > MAX_TENSORS:
+        raise DistLoadError(f"{name}: {count} header entries exceed the {MAX_TENSORS} tensor limit")
     entries: list[TensorEntry] = []
     for key, info in doc.items():
         if key == "__metadata__":
