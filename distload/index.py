@@ -131,11 +131,10 @@ def hub_cache_dir() -> Path:
 
 def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
     cache = hub_cache_dir()
-    where = f"{repo_id}" + (f" at revision {revision!r}" if revision else "")
-    how = (f"download it first (once per node, or onto shared storage): `hf download {repo_id}`"
-           + (f" --revision {revision}" if revision else "")
-           + f" (older huggingface_hub: `huggingface-cli download {repo_id}`), "
-           + "with HF_HUB_CACHE pointing at the same cache")
+    rev = f" --revision {revision}" if revision else ""
+    how = (f"distload never downloads: download it first, once per node or onto shared storage, with "
+           f"`hf download {repo_id}{rev}` (older huggingface_hub: `huggingface-cli download {repo_id}{rev}`) "
+           "and the same HF_HUB_CACHE")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -144,9 +143,11 @@ def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
     try:
         snap = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
     except Exception as e:  # not cached, an incomplete snapshot, a bad revision
-        raise DistLoadError(f"{where} is not in the local Hugging Face cache {cache} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            f"distload never downloads: {how}") from None
+        where = repo_id + (f" at revision {revision!r}" if revision else "")
+        # huggingface_hub's own "not found" text suggests local_files_only=False, which is not ours to offer
+        why = "" if type(e).__name__ == "LocalEntryNotFoundError" else f" ({type(e).__name__}: {e})"
+        raise DistLoadError(f"{where} is not in the local Hugging Face cache {cache}"
+                            + (" (nor a local path)" if revision is None else "") + f"{why}; {how}") from None
     return Path(snap)
 
 

@@ -118,7 +118,7 @@ def test_a_snapshot_and_a_repo_id_load_bit_for_bit_at_world_2(hub):
         assert got["tied"] and model["lm_head.weight"] == want["model.embed_tokens.weight"]
         assert {k: v for k, v in model.items() if k != "lm_head.weight"} == want
         phase, msg = got["uncached"]
-        assert phase == "plan" and "org/not-downloaded is not in the local Hugging Face cache" in msg
+        assert phase == "plan" and "org/not-downloaded is not in the local Hugging Face cache" in msg and "(nor a local path)" in msg
         assert "hf download org/not-downloaded" in msg
     assert sorted(f for res in results for f in res["files"]) == sorted(p.name for p in snapshot.glob("*.safetensors"))
 
