@@ -213,3 +213,37 @@ def test_an_integer_tensor_into_a_float_parameter_fails_while_planning_naming_th
     for phase, msg, all_meta in results:
         assert phase == "plan" and all_meta
         assert "tensor 'ids': the checkpoint stores I64 but the model holds torch.float32" in msg
+
+
+def _child_fp8_fsdp(rank, world, path, spec):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for policy in ("scatter", "slice"):
+        with distload.empty_init():
+            m = Holder(spec)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in m.layers.children():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        distload.load_checkpoint(m, path, dtype=torch.bfloat16, read_policy=policy, bucket_mb=TINY_MB)
+        # gloo cannot all-gather FP8: each rank returns its own shard's bytes
+        out[policy] = described({k: v.to_local() for k, v in m.state_dict().items()})
+    return out
+
+
+def test_fp8_with_scales_loads_into_fsdp2_shards_as_stored(tmp_path):
+    path = tmp_path / "fp8"
+    write_fp8(path)
+    want = reference(path)
+    spec = _spec(want, torch.bfloat16)
+    spec.update({k: (tuple(v.shape), torch.float32) for k, v in want.items() if "scale" in k})
+    expect = _cast(want, torch.bfloat16, keep={k for k in want if "scale" in k})
+    world = 2
+    results = run_world(_child_fp8_fsdp, world, str(path), spec, timeout=240)
+    for r, got in enumerate(results):
+        # FSDP2 shards dim 0 as torch.chunk does
+        mine = {k: v.chunk(world, 0)[r] if r < len(v.chunk(world, 0)) else v[:0] for k, v in expect.items()}
+        for policy in ("scatter", "slice"):
+            assert_bit_identical(got[policy], mine, f"rank {r} {policy}")
