@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 
 from .bootstrap import init_distributed
 from .errors import DistLoadError
+from .index import resolve_checkpoint
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
 from .report import LoadReport
@@ -25,6 +26,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict",
     "plan_checkpoint",
+    "resolve_checkpoint",
 ]
 
 try:

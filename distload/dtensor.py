@@ -15,11 +15,12 @@ Note on FSDP2:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from .dtypes import param_dtypes
 from .errors import DistLoadError
 from .shard import Layout, Placement, Sharding, layout_of
 
@@ -87,22 +88,24 @@ def sharded_layouts(model: nn.Module, shapes: dict[str, tuple[int, ...]], wanted
     return out
 
 
-def materialize_dtensors(model: nn.Module, device: torch.device,
-                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                         stored: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """(every rank) Give meta DTensors real local memory on ``device``, keeping their identity.
 
     Returns this rank's local tensor for every DTensor state-dict name (tied
-    names share one). ``dtype`` casts floating-point DTensor parameters, like
-    the replicated path. Plain tensors are left to
+    names share one). ``dtype`` and ``stored`` pick each DTensor parameter's
+    dtype, like the replicated path (:func:`distload.dtypes.param_dtypes`).
+    Plain tensors are left to
     :func:`distload.place.materialize`; :func:`restore_dtensors` undoes this,
     also after a failure part-way.
     """
     params = {id(p) for p in model.parameters()}
+    want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)
 
     def empty(t: torch.Tensor) -> torch.Tensor:
         if not (is_dtensor(t) and t.is_meta):
             return t
-        want = dtype if (dtype is not None and id(t) in params and t.is_floating_point()) else t.dtype
+        want = want_of(t) if id(t) in params else t.dtype
         return torch.empty_like(t, device=device, dtype=want)
 
     with torch.no_grad():

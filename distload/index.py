@@ -13,25 +13,29 @@ from __future__ import annotations
 import json
 import reprlib
 import os
+import re
 import socket
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dtypes import DTYPES, torch_shape
 from .errors import DistLoadError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces, per file
 MAX_INDEX_BYTES = 256 * 1024 * 1024  # real indexes are a few MB even for 1T-parameter models
+# Caps across the whole checkpoint, so a hostile index cannot make rank 0 open
+# millions of files or hold gigabytes of headers. DeepSeek-V3 (671B) has 163
+# files, about 91k tensors and under 20 MB of headers.
+MAX_FILES = 65_536
+MAX_TENSORS = 2_097_152
+MAX_TOTAL_HEADER_BYTES = 512 * 1024 * 1024
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
-# Bytes per element for every safetensors dtype distload can place into torch.
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8,
-}
+# Bytes per torch element for every safetensors dtype whose elements are whole
+# bytes (F4 counts packed pairs; see distload.dtypes).
+DTYPE_SIZES: dict[str, int] = {n: d.itemsize for n, d in DTYPES.items() if d.bits * d.pack % 8 == 0}
 
 _PICKLE_HELP = (
     "distload refuses pickle checkpoints ({what}): unpickling runs arbitrary code "
@@ -46,8 +50,8 @@ class TensorEntry:
     """One tensor of one file: byte range relative to the file's data section."""
 
     name: str
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # as written in the header, e.g. "F8_E4M3"
+    shape: tuple[int, ...]  # in torch elements: F4's last dimension counts packed pairs (distload.dtypes)
     start: int
     end: int
 
@@ -83,13 +87,78 @@ class Checkpoint:
         return [t.name for f in self.files for t in f.tensors]
 
 
+def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+    """(any rank, locally) The local path for what the user named: a path, or a Hub repo id.
+
+    A path that exists here is returned as is. Otherwise ``org/name`` is
+    looked up in this machine's Hugging Face cache (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``revision``
+    (a branch, tag or commit; default ``main``), and its snapshot directory is
+    returned. Nothing is ever downloaded: a repo that is not cached is a
+    :class:`DistLoadError` saying how to download it. Example::
+
+        root = distload.resolve_checkpoint("meta-llama/Llama-3.1-8B")
+        # ~/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/<commit>
+    """
+    p = Path(path_or_repo)
+    try:
+        if revision is None and p.exists():
+            return p
+    except (OSError, ValueError) as e:  # permissions, NUL bytes, over-long names
+        raise DistLoadError(f"cannot inspect checkpoint path {p}: {e}") from e
+    text = os.fspath(path_or_repo)
+    if not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
+        if revision is not None:
+            raise DistLoadError(f"revision={revision!r} needs a Hub repo id (org/name), not the path {text!r}")
+        raise DistLoadError(f"checkpoint path does not exist: {p}")
+    return _from_hub_cache(text, revision)
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache folder, read from the environment now (as huggingface_hub does at import)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(os.path.expandvars(os.path.expanduser(env["HF_HUB_CACHE"])))
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.path.expandvars(os.path.expanduser(env["HUGGINGFACE_HUB_CACHE"])))
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "huggingface")
+    return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
+
+
+def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
+    cache = hub_cache_dir()
+    rev = f" --revision {revision}" if revision else ""
+    how = (f"distload never downloads: download it first, once per node or onto shared storage, with "
+           f"`hf download {repo_id}{rev}` (older huggingface_hub: `huggingface-cli download {repo_id}{rev}`) "
+           "and the same HF_HUB_CACHE")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise DistLoadError(f"{repo_id!r} is not a local path, and loading a Hub repo id from the cache "
+                            "needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        snap = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
+    except Exception as e:  # not cached, an incomplete snapshot, a bad revision
+        where = repo_id + (f" at revision {revision!r}" if revision else "")
+        # huggingface_hub's own "not found" text suggests local_files_only=False, which is not ours to offer
+        why = "" if type(e).__name__ == "LocalEntryNotFoundError" else f" ({type(e).__name__}: {e})"
+        raise DistLoadError(f"{where} is not in the local Hugging Face cache {cache}"
+                            + (" (nor a local path)" if revision is None else "") + f"{why}; {how}") from None
+    return Path(snap)
+
+
 def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None, list[str]]:
     """Resolve what the user pointed at into ``(root_dir, index_file, files)``.
 
     ``files`` is filled only when there is no index (single-file checkpoints).
-    Accepts a directory, a ``.safetensors`` file, or a ``*.safetensors.index.json``.
+    Accepts a directory, a ``.safetensors`` file, a ``*.safetensors.index.json``,
+    or a Hub repo id in the local cache (see :func:`resolve_checkpoint`).
     """
-    p = Path(path)
+    p = resolve_checkpoint(path)
     try:
         return _find_checkpoint(p)
     except (OSError, ValueError) as e:  # permissions, NUL bytes, over-long names
@@ -171,15 +240,26 @@ def check_file_name(root: Path, name: str) -> Path:
     """Refuse names that could read outside ``root`` or block on open.
 
     Returns the path to open. Runs on rank 0 while planning and again on each
-    owner before it opens the file (storage may differ between nodes).
+    owner before it opens the file (storage may differ between nodes). To open
+    the file, use :func:`open_checked`, which also closes the race between
+    this check and the open.
     """
+    return _check(root, name)[0]
+
+
+def _check(root: Path, name: str) -> tuple[Path, os.stat_result]:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or ".." in name:
         raise DistLoadError(f"refusing file name {name!r}: it must be a plain file name inside {root}")
     path = root / name
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise DistLoadError(f"refusing {name}: it resolves to {real}, outside the checkpoint directory {real_root}")
+    allowed = [real_root]
+    repo = hub_repo_folder(real_root)
+    if repo is not None:  # a cache snapshot: its files link to ../../blobs/<hash>
+        allowed.append(repo)
+    if not any(os.path.commonpath([a, real]) == a for a in allowed):
+        inside = real_root if repo is None else f"{real_root} or its Hugging Face cache folder {repo}"
+        raise DistLoadError(f"refusing {name}: it resolves to {real}, outside the checkpoint directory {inside}")
     try:
         st = os.stat(real)
     except FileNotFoundError:
@@ -188,15 +268,57 @@ def check_file_name(root: Path, name: str) -> Path:
         raise DistLoadError(f"cannot stat {path}: {e.strerror}") from e
     if not stat.S_ISREG(st.st_mode):
         raise DistLoadError(f"{path} is not a regular file (a FIFO, device or directory)")
-    return path
+    return path, st
 
 
-def read_header(path: Path, display: str | None = None) -> ShardFile:
-    """Read and validate one file's header. Opens, reads the header, closes."""
-    name = display or path.name
+def hub_repo_folder(real_dir: str) -> str | None:
+    """The cache repo folder (``.../models--org--name``) holding ``real_dir`` in a snapshot, else None.
+
+    The Hugging Face cache keeps ``<repo>/snapshots/<commit>/<file>`` as
+    relative symlinks to ``<repo>/blobs/<hash>``.
+    """
+    p = Path(real_dir)
+    for anc in (p, *p.parents):
+        repo = anc.parent.parent
+        if anc.parent.name == "snapshots" and re.fullmatch(r"(models|datasets|spaces)--.+", repo.name):
+            return str(repo)
+    return None
+
+
+def open_checked(root: Path, name: str) -> tuple[int, Path]:
+    """Check ``name`` as :func:`check_file_name` does, open it, and verify the open file is the checked one.
+
+    Between the check and the open, a symlink could be swapped to point
+    elsewhere: the opened descriptor must be the same regular file (device
+    and inode) that was checked. Returns ``(fd, path)``; the caller closes ``fd``.
+    """
+    path, checked = _check(root, name)
     fd = open_regular(path)
     try:
-        return header_from_fd(fd, name)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+            raise DistLoadError(f"{path} changed between checking and opening it (another file was swapped in)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path
+
+
+def read_header(path: Path | str, display: str | None = None, *, root: Path | None = None,
+                limit: int = MAX_HEADER_BYTES) -> ShardFile:
+    """Read and validate one file's header. Opens, reads the header, closes.
+
+    With ``root``, ``path`` is a file name inside it (a string, as the index
+    writes it), checked and opened with :func:`open_checked`.
+    """
+    if root is not None:
+        fd, path = open_checked(root, os.fspath(path))
+    else:
+        path = Path(path)
+        fd = open_regular(path)
+    name = display or path.name
+    try:
+        return header_from_fd(fd, name, limit=limit)
     finally:
         os.close(fd)
 
@@ -239,8 +361,11 @@ def _pread_all(fd: int, n: int, name: object, offset: int = 0) -> bytes:
     return b"".join(parts)
 
 
-def header_from_fd(fd: int, name: str) -> ShardFile:
-    """Read and validate the header of the open file ``fd`` (the length prefix first)."""
+def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> ShardFile:
+    """Read and validate the header of the open file ``fd`` (the length prefix first).
+
+    ``limit`` caps the header length (at most :data:`MAX_HEADER_BYTES`).
+    """
     try:
         size = os.fstat(fd).st_size
     except OSError as e:
@@ -250,6 +375,9 @@ def header_from_fd(fd: int, name: str) -> ShardFile:
     (hlen,) = struct.unpack("<Q", _pread_all(fd, 8, name))
     if hlen > MAX_HEADER_BYTES:
         raise DistLoadError(f"{name}: header length {hlen} exceeds the {MAX_HEADER_BYTES} byte limit")
+    if hlen > limit:
+        raise DistLoadError(f"{name}: header length {hlen} takes the checkpoint's headers past the "
+                            f"{MAX_TOTAL_HEADER_BYTES} byte limit on all headers together")
     if 8 + hlen > size:
         raise DistLoadError(f"{name}: header length {hlen} runs past the end of the file ({size} bytes)")
     return parse_header(_pread_all(fd, hlen, name, 8), size, name)
@@ -259,10 +387,14 @@ def local_root(path: str | os.PathLike) -> Path:
     """(owner ranks) This rank's checkpoint directory for the path the user passed.
 
     Each owner opens its files under its own view of ``path`` (node-local
-    storage, per-node mounts, relative paths), not rank 0's; a path missing
-    here is a clear error naming this host.
+    storage, per-node mounts, relative paths, its own Hugging Face cache for
+    a repo id), not rank 0's; a path missing here is a clear error naming
+    this host.
     """
-    p = Path(path)
+    try:
+        p = resolve_checkpoint(path)
+    except DistLoadError as e:
+        raise DistLoadError(f"on {socket.gethostname()}: {e}") from e.__cause__
     try:
         if p.is_dir():
             return p
@@ -289,6 +421,9 @@ def parse_header(raw: bytes, file_size: int, name: str) -> ShardFile:
         raise DistLoadError(f"{name}: header is not a JSON object")
     data_offset = 8 + len(raw)
     data_len = file_size - data_offset
+    count = len(doc) - ("__metadata__" in doc)
+    if count > MAX_TENSORS:
+        raise DistLoadError(f"{name}: {count} header entries exceed the {MAX_TENSORS} tensor limit")
     entries: list[TensorEntry] = []
     for key, info in doc.items():
         if key == "__metadata__":
@@ -316,7 +451,7 @@ def _parse_entry(fname: str, key: str, info: object) -> TensorEntry:
     if not isinstance(info, dict):
         raise DistLoadError(f"{where}: entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DistLoadError(f"{where}: unknown dtype {_clip(dtype)}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise DistLoadError(f"{where}: shape {_clip(shape)} is not a list of non-negative integers")
@@ -327,18 +462,26 @@ def _parse_entry(fname: str, key: str, info: object) -> TensorEntry:
         or offsets[0] > offsets[1]
     ):
         raise DistLoadError(f"{where}: data_offsets {_clip(offsets)} must be [begin, end] with 0 <= begin <= end")
-    # Stop as soon as the size leaves 64 bits: a hostile shape of a million
-    # huge dimensions would otherwise make an enormous (slow) Python integer.
-    expected = DTYPE_SIZES[dtype]
+    # Sizes count bits (F4 and F6 values are smaller than a byte). Stop as
+    # soon as the size leaves 64 bits: a hostile shape of a million huge
+    # dimensions would otherwise make an enormous (slow) Python integer.
+    bits = DTYPES[dtype].bits
     for d in shape:
-        expected *= d
-        if d >= 2**63 or expected >= 2**63:
+        bits *= d
+        if d >= 2**63 or bits >= 2**66:
             raise DistLoadError(f"{where}: shape {_clip(shape)} overflows 64-bit sizes")
+    if bits % 8:
+        raise DistLoadError(f"{where}: {dtype} x shape {_clip(shape)} is {bits} bits, not a whole number of bytes")
+    expected = bits // 8
     if offsets[1] - offsets[0] != expected:
         raise DistLoadError(
             f"{where}: holds {offsets[1] - offsets[0]} bytes but dtype {dtype} x shape {_clip(shape)} needs {expected}"
         )
-    return TensorEntry(key, dtype, tuple(shape), offsets[0], offsets[1])
+    try:
+        shape = torch_shape(dtype, tuple(shape))
+    except ValueError as e:
+        raise DistLoadError(f"{where}: shape {_clip(shape)}: {e}") from None
+    return TensorEntry(key, dtype, shape, offsets[0], offsets[1])
 
 
 def _clip(value: object, limit: int = 120) -> str:
@@ -378,7 +521,7 @@ def _read_checkpoint(path: str | os.PathLike, strict: bool) -> Checkpoint:
     root, index_path, single = find_checkpoint(path)
     warnings: list[str] = []
     if index_path is None:
-        shard = read_header(check_file_name(root, single[0]))
+        shard = read_header(single[0], root=root)
         if not shard.tensors:
             raise DistLoadError(f"{shard.name} holds no tensors")
         return Checkpoint(str(root), (shard,))
@@ -387,10 +530,19 @@ def _read_checkpoint(path: str | os.PathLike, strict: bool) -> Checkpoint:
     by_file: dict[str, list[str]] = {}
     for key, fname in wmap.items():
         by_file.setdefault(fname, []).append(key)
+    if len(by_file) > MAX_FILES:
+        raise DistLoadError(f"{index_path.name} names {len(by_file)} files, over the {MAX_FILES} file limit")
+    if len(wmap) > MAX_TENSORS:
+        raise DistLoadError(f"{index_path.name} lists {len(wmap)} tensors, over the {MAX_TENSORS} tensor limit")
     files: list[ShardFile] = []
     seen: dict[str, str] = {}
+    header_bytes = 0
     for fname in sorted(by_file):
-        shard = read_header(check_file_name(root, fname), fname)
+        shard = read_header(fname, fname, root=root, limit=MAX_TOTAL_HEADER_BYTES - header_bytes)
+        header_bytes += shard.data_offset - 8
+        if len(seen) + len(shard.tensors) > MAX_TENSORS:
+            raise DistLoadError(f"the checkpoint's files hold over {MAX_TENSORS} tensors (the limit) "
+                                f"by {fname}")
         for t in shard.tensors:  # a tensor in two files is never loadable, strict or not
             if t.name in seen:
                 raise DistLoadError(f"tensor {t.name!r} is in both {seen[t.name]} and {fname}")

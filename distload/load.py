@@ -24,6 +24,7 @@ from torch import nn
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
 from .loader import load_state_dict_with_report
 from .bootstrap import COMMS, DEFAULT_TIMEOUT_S, resolve_device
+from .index import resolve_checkpoint
 from .plan import DEFAULT_BUCKET_MB
 from .shard_plan import READ_POLICIES
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def checkpoint_dir(path: str) -> Path:
-    p = Path(path)
+    p = resolve_checkpoint(path)  # a path, or a Hub repo id in the local cache
     return p if p.is_dir() else p.parent
 
 

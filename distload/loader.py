@@ -28,6 +28,7 @@ from torch import nn
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
 from .comm import Comm, TorchComm, describe
 from .dtensor import has_dtensors, sharded_layouts
+from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .index import local_root, read_checkpoint
 from .place import (
@@ -38,7 +39,6 @@ from .place import (
     model_placement,
     model_signature,
     tied_duplicates,
-    torch_dtype,
 )
 from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
 from .reader import open_verified
@@ -310,6 +310,8 @@ class _Load:
         ranks = [i for i, _ in gathered]
         ckpt = read_checkpoint(self.path, strict=self.strict)
         if self.model is None:
+            # The dtype each tensor lands in; refusals name the key.
+            plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors}, None, self.dtype)
             return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None
         match = self._match(ckpt, sig)
         wanted = set(match.wanted)
@@ -336,6 +338,9 @@ class _Load:
                for k in sorted(wanted) if tuple(shapes[k]) != sig[k][0]]
         if bad:
             raise DistLoadError("shape mismatch for " + "; ".join(bad))
+        plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors},  # refusals name the key
+                    {k: (v.dtype, isinstance(v, nn.Parameter))
+                     for k, v in self.model.state_dict(keep_vars=True).items() if k in wanted}, self.dtype)
         missing = sorted(k for k in sig if not any(a in have for a in aliases.get(k, (k,))))
         unexpected = sorted(have - set(sig))
         if self.strict and (missing or unexpected):
@@ -372,10 +377,9 @@ class _Load:
         """(every rank, locally) Real memory for everything this rank will receive."""
         if self.model is None:
             tensors = {}
+            wants = plan_dtypes({k: plan.dtypes[k] for k in plan.shapes}, None, self.dtype)
             for name, shape in plan.shapes.items():
-                st = torch_dtype(plan.dtypes[name])
-                want = self.dtype if (self.dtype is not None and st.is_floating_point) else st
-                tensors[name] = torch.empty(shape, dtype=want, device=self.device)
+                tensors[name] = torch.empty(shape, dtype=wants[name], device=self.device)
             self.state_dict = tensors
             return Placement(tensors, plan.dtypes)
         was_meta = {k for k, v in self.model.state_dict(keep_vars=True).items() if v.device.type == "meta"}

@@ -13,31 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .errors import DistLoadError
 from .dtensor import is_dtensor
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        TORCH_DTYPES[_name] = getattr(torch, _attr)
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype:
-    try:
-        return TORCH_DTYPES[st_dtype]
-    except KeyError:
-        raise DistLoadError(f"dtype {st_dtype} is not supported by this torch build") from None
-
+from .dtypes import TORCH_DTYPES, param_dtypes, torch_dtype
 
 @contextlib.contextmanager
 def empty_init() -> Iterator[None]:
@@ -193,23 +176,28 @@ def tied_duplicates(model: nn.Module, stored: set[str]) -> set[str]:
 
 
 def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                undo: list) -> dict[str, torch.Tensor]:
+                undo: list, stored: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """(every rank) Give meta parameters real memory on ``device``; move buffers there.
 
     ``dtype`` casts floating-point parameters (not buffers such as masks).
+    ``stored`` (state-dict name -> safetensors dtype, the plan's ``dtypes``)
+    applies :func:`distload.dtypes.target_dtype`: only parameters stored as
+    F16/BF16/F32/F64 are cast; FP8/FP4 tensors and their scales get the
+    stored dtype.
     Parameters that were already real are moved, not reallocated, if needed.
     Appends to ``undo`` before each change, so :func:`restore_plain` undoes
     even a materialization that failed part-way. Returns every state-dict
     name's tensor; DTensors are left to :func:`distload.dtensor.materialize_dtensors`.
     """
     replaced: dict[int, nn.Parameter] = {}
+    want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None or is_dtensor(p):
                 continue
             new = replaced.get(id(p))
             if new is None:
-                want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+                want = want_of(p)
                 if p.device.type == "meta":
                     data = torch.empty(p.shape, dtype=want, device=device)
                 elif p.device != device or p.dtype != want or not p.is_contiguous():
@@ -268,8 +256,8 @@ def model_placement(model: nn.Module, device: torch.device, dtype: torch.dtype |
             dtensor.restore_dtensors(model)
 
     try:
-        local = dtensor.materialize_dtensors(model, device, dtype) if dtensors else {}
-        tensors = materialize(model, device, dtype, undo)
+        local = dtensor.materialize_dtensors(model, device, dtype, st_dtypes) if dtensors else {}
+        tensors = materialize(model, device, dtype, undo, st_dtypes)
         tensors.update(local)
         for name, shape in local_shapes.items():
             t = local.get(name)

@@ -18,7 +18,7 @@ import torch
 
 from .errors import DistLoadError
 from .errors import add_context
-from .index import check_file_name, header_from_fd, open_regular
+from .index import header_from_fd, open_checked
 from .plan import Chunk, LoadPlan
 
 
@@ -79,8 +79,7 @@ def open_verified(plan: LoadPlan, file_idx: int, root: str | os.PathLike | None 
     against rank 0's, before any data moves.
     """
     shard = plan.files[file_idx]
-    path = check_file_name(Path(plan.root if root is None else root), shard.name)
-    fd = open_regular(path)
+    fd, path = open_checked(Path(plan.root if root is None else root), shard.name)
     try:
         size = os.fstat(fd).st_size
         if size != shard.size:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .place import torch_dtype
+from .dtypes import torch_dtype
 from .plan import LoadPlan
 from .shard import Layout, Ranges
 from .shard_plan import ScatterChunk, ShardPlan

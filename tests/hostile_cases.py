@@ -152,6 +152,20 @@ def _symlink_escape(d: Path) -> Path:
     return d
 
 
+def _symlink_escaping_a_cache_snapshot(d: Path) -> Path:
+    """A hub-cache snapshot whose files link into ../../blobs, except one that leaves the repo folder."""
+    repo = d / "models--org--tiny"
+    snap = repo / "snapshots" / ("a1" * 20)
+    write_valid(snap)
+    (repo / "blobs").mkdir()
+    for name in (F1, INDEX):
+        (snap / name).rename(repo / "blobs" / name)
+        (snap / name).symlink_to(f"../../blobs/{name}")
+    (snap / F2).rename(d / F2)  # inside the test's folder, outside models--org--tiny
+    (snap / F2).symlink_to(f"../../../../{F2}")
+    return snap
+
+
 def _fifo_shard(d: Path) -> Path:
     write_valid(d)
     (d / F2).unlink()
@@ -284,6 +298,7 @@ _B_DTYPE = {**header_b(), "l1.bias": entry("F128", [2], 16, 24)}
 _B_OVERLAP = {"l1.weight": entry("F32", [2, 2], 0, 16), "l1.bias": entry("F32", [2], 8, 16)}
 _B_GAP = {"l1.weight": entry("F32", [2, 2], 0, 16), "l1.bias": entry("F32", [2], 20, 28)}
 _B_OUT_OF_BOUNDS = {"l1.weight": entry("F32", [2, 2], 0, 16), "l1.bias": entry("F32", [2], 16, 24)}
+_B_F6 = {"l1.weight": entry("F6_E2M3", [2, 2], 0, 3), "l1.bias": entry("F32", [2], 3, 11)}  # 4 values: 24 bits
 _B_REVERSED = {"l1.weight": entry("F32", [2, 2], 0, 16), "l1.bias": entry("F32", [2], 24, 16)}
 
 CASES: list[Case] = [
@@ -292,6 +307,8 @@ CASES: list[Case] = [
     Case("weight_map_absolute_path", _absolute, "refusing file name"),
     Case("weight_map_path_separator", _separator, "refusing file name"),
     Case("symlink_escaping_the_directory", _symlink_escape, "outside the checkpoint directory"),
+    Case("symlink_escaping_a_hub_cache_repo_folder", _symlink_escaping_a_cache_snapshot,
+         "outside the checkpoint directory"),
     Case("fifo_in_place_of_a_shard", _fifo_shard, "not a regular file"),
     Case("device_file_in_place_of_a_shard", _device_shard, "not a regular file"),
     Case("fifo_in_place_of_the_index", _fifo_index, "not a regular file"),
@@ -314,6 +331,9 @@ CASES: list[Case] = [
     Case("size_not_dtype_times_shape", with_file_b(_B_SHAPE_WRONG), "needs 12"),
     Case("shape_product_overflow", with_file_b(_B_OVERFLOW), "overflows 64-bit"),
     Case("unknown_dtype", with_file_b(_B_DTYPE), "unknown dtype 'F128'"),
+    Case("dtype_torch_lacks", with_file_b(_B_F6, DATA_B[:11]), "tensor 'l1.weight': dtype F6_E2M3 has no torch dtype"),
+    Case("dtype_torch_lacks_with_a_model", with_file_b(_B_F6, DATA_B[:11]),
+         "tensor 'l1.weight': dtype F6_E2M3 has no torch dtype", model="tiny"),
     Case("duplicate_key_in_a_header", _duplicate_header_key, "duplicate key 'l1.bias'"),
     Case("duplicate_key_in_the_index", _duplicate_index_key, "duplicate key 'l1.bias'"),
     Case("same_key_in_two_files", _same_key_two_files, "'l0.bias' is in both"),

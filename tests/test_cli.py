@@ -63,7 +63,7 @@ FACTORY = textwrap.dedent('''
     from torch import nn
 
     from distload.index import read_checkpoint
-    from distload.place import torch_dtype
+    from distload.dtypes import torch_dtype
 
     FIXED_PATH = {fixed!r}
 

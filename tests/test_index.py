@@ -6,7 +6,9 @@ here are the accepted inputs, the happy path and a few representative refusals.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt import st_bytes, write_sized
-from distload import DistLoadError
+from distload import DistLoadError, index
 from distload.index import (
     Checkpoint,
     find_checkpoint,
@@ -269,3 +271,225 @@ def test_tensor_in_two_files_refused(tmp_path):
     for strict in (True, False):
         with pytest.raises(DistLoadError, match="'x' is in both"):
             read_checkpoint(d, strict=strict)
+
+
+# ---- dtypes: sizes of every safetensors dtype, sub-byte ones included ---------
+
+
+@pytest.mark.parametrize("dtype,shape,nbytes,torch_shape", [
+    ("F8_E4M3", [2, 3], 6, (2, 3)),
+    ("F8_E5M2", [4], 4, (4,)),
+    ("F8_E8M0", [5], 5, (5,)),
+    ("F8_E4M3FNUZ", [1, 2], 2, (1, 2)),
+    ("F8_E5M2FNUZ", [3], 3, (3,)),
+    ("F4", [3, 8], 12, (3, 4)),  # 24 four-bit values; torch holds pairs: float4_e2m1fn_x2 [3, 4]
+    ("F4", [0], 0, (0,)),
+    ("F6_E2M3", [8], 6, (8,)),  # 48 bits; torch has no F6 dtype (refused when loaded, not here)
+    ("U16", [3], 6, (3,)), ("U32", [3], 12, (3,)), ("U64", [3], 24, (3,)),
+    ("I8", [3], 3, (3,)), ("I16", [3], 6, (3,)), ("BOOL", [2], 2, (2,)), ("C64", [2], 16, (2,)),
+])
+def test_parse_header_sizes_every_dtype(dtype, shape, nbytes, torch_shape):
+    raw, size = _raw({"t": (dtype, shape, b"\x00" * nbytes)})
+    (t,) = parse_header(raw, size, "d.safetensors").tensors
+    assert (t.dtype, t.shape, t.nbytes) == (dtype, torch_shape, nbytes)
+
+
+def test_parse_header_f4_agrees_with_safetensors(tmp_path):
+    t = torch.arange(24, dtype=torch.uint8).reshape(3, 8).view(torch.float4_e2m1fn_x2)
+    f = _save(tmp_path / "f4.safetensors", {"w": t})
+    (entry,) = read_header(f).tensors
+    assert entry.shape == tuple(load_file(f)["w"].shape) == (3, 8) and entry.nbytes == 24
+
+
+@pytest.mark.parametrize("dtype,shape,nbytes,match", [
+    ("F4", [3], 2, "12 bits, not a whole number of bytes"),
+    ("F4", [], 1, "4 bits, not a whole number of bytes"),
+    ("F4", [2, 3], 3, "last dimension divisible by 2"),
+    ("F6_E3M2", [3], 3, "18 bits, not a whole number of bytes"),
+    ("F4", [4], 4, "needs 2"),
+])
+def test_parse_header_refuses_sub_byte_sizes_naming_the_tensor(dtype, shape, nbytes, match):
+    raw, size = _raw({"q.weight": (dtype, shape, b"\x00" * nbytes)})
+    with pytest.raises(DistLoadError, match=match) as exc:
+        parse_header(raw, size, "sub.safetensors")
+    assert "'q.weight'" in str(exc.value) and "sub.safetensors" in str(exc.value)
+
+
+# ---- caps across the whole checkpoint ------------------------------------------
+
+
+def _many_files(d: Path, n_files: int, per_file: int = 1) -> Path:
+    """``n_files`` hand-written files of ``per_file`` one-byte tensors each, and their index."""
+    d.mkdir(parents=True)
+    wmap = {}
+    for i in range(n_files):
+        tensors = {f"t{i}.{j}": ("U8", [1], bytes([j])) for j in range(per_file)}
+        (d / f"f{i}.safetensors").write_bytes(st_bytes(tensors))
+        wmap.update({k: f"f{i}.safetensors" for k in tensors})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    return d
+
+
+def test_index_naming_too_many_files_is_refused_before_opening_any(tmp_path, monkeypatch):
+    d = _many_files(tmp_path / "ck", 3)
+    monkeypatch.setattr(index, "MAX_FILES", 2)
+    monkeypatch.setattr(index, "read_header", lambda *a, **k: pytest.fail("opened a file"))
+    with pytest.raises(DistLoadError, match="names 3 files, over the 2 file limit"):
+        read_checkpoint(d)
+
+
+def test_index_listing_too_many_tensors_is_refused(tmp_path, monkeypatch):
+    d = _many_files(tmp_path / "ck", 2, per_file=2)
+    monkeypatch.setattr(index, "MAX_TENSORS", 3)
+    with pytest.raises(DistLoadError, match="lists 4 tensors, over the 3 tensor limit"):
+        read_checkpoint(d)
+
+
+def test_files_holding_too_many_tensors_together_are_refused(tmp_path, monkeypatch):
+    # the index lists few tensors, the headers hold more (unlisted: a warning without strict)
+    d = _many_files(tmp_path / "ck", 2, per_file=2)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"t0.0": "f0.safetensors", "t1.0": "f1.safetensors"}}))
+    monkeypatch.setattr(index, "MAX_TENSORS", 3)
+    with pytest.raises(DistLoadError, match="over 3 tensors"):
+        read_checkpoint(d, strict=False)
+
+
+def test_one_header_with_too_many_tensors_is_refused(monkeypatch):
+    raw, size = _raw({f"t{i}": ("U8", [1], b"\x00") for i in range(5)}, metadata={"format": "pt"})
+    monkeypatch.setattr(index, "MAX_TENSORS", 4)
+    with pytest.raises(DistLoadError, match="5 header entries exceed the 4 tensor limit"):
+        parse_header(raw, size, "many.safetensors")
+
+
+def test_headers_over_the_total_header_byte_cap_are_refused(tmp_path, monkeypatch):
+    d = _many_files(tmp_path / "ck", 3)
+    one = len(json.dumps({"t0.0": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}))
+    monkeypatch.setattr(index, "MAX_TOTAL_HEADER_BYTES", 2 * one + 5)  # room for two headers, not three
+    with pytest.raises(DistLoadError, match="f2.safetensors: header length .* limit on all headers together"):
+        read_checkpoint(d)
+    monkeypatch.setattr(index, "MAX_TOTAL_HEADER_BYTES", 3 * one)
+    assert len(read_checkpoint(d).files) == 3
+
+
+# ---- opening: the file opened is the file checked ------------------------------
+
+
+def test_a_file_swapped_between_check_and_open_is_refused(tmp_path, monkeypatch):
+    d = _two_file_index(tmp_path / "ck")
+    other = _save(tmp_path / "other.safetensors", {"x": torch.zeros(2, 3)})
+    real_open = index.open_regular
+
+    def swap_then_open(path):
+        os.replace(other, path)  # a different file now sits under the checked name
+        return real_open(path)
+
+    monkeypatch.setattr(index, "open_regular", swap_then_open)
+    with pytest.raises(DistLoadError, match="a.safetensors changed between checking and opening"):
+        index.open_checked(d, "a.safetensors")
+
+
+def test_open_checked_returns_the_checked_file(tmp_path):
+    d = _two_file_index(tmp_path / "ck")
+    fd, path = index.open_checked(d, "b.safetensors")
+    try:
+        assert path == d / "b.safetensors"
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+    finally:
+        os.close(fd)
+
+
+# ---- the Hugging Face cache layout --------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache_repo(cache: Path, repo_id: str = "org/tiny") -> Path:
+    """``_two_file_index`` laid out as the hub cache does: blobs, a snapshot of relative links, refs/main."""
+    src = _two_file_index(cache.parent / "src")
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        os.replace(f, repo / "blobs" / blob)
+        (snap / f.name).symlink_to(f"../../blobs/{blob}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snap
+
+
+def test_a_cache_snapshot_with_links_into_its_blobs_loads(tmp_path):
+    snap = _cache_repo(tmp_path / "hub")
+    ck = read_checkpoint(snap)
+    assert sorted(ck.keys()) == ["x", "y", "z"] and ck.root == str(snap)
+
+
+def test_a_snapshot_link_escaping_the_cache_repo_folder_is_refused(tmp_path):
+    snap = _cache_repo(tmp_path / "hub")
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(snap / "b.safetensors", outside)
+    (snap / "b.safetensors").symlink_to(outside)
+    with pytest.raises(DistLoadError, match="outside the checkpoint directory .* or its Hugging Face cache folder"):
+        read_checkpoint(snap)
+
+
+def test_a_snapshot_link_into_another_cached_repo_is_refused(tmp_path):
+    snap = _cache_repo(tmp_path / "hub")
+    other = _cache_repo(tmp_path / "hub2" / "hub", "org/other")
+    target = os.path.realpath(other / "b.safetensors")
+    (snap / "b.safetensors").unlink()
+    (snap / "b.safetensors").symlink_to(target)
+    with pytest.raises(DistLoadError, match="outside the checkpoint directory"):
+        read_checkpoint(snap)
+
+
+def test_index_names_escaping_a_snapshot_are_still_refused(tmp_path):
+    snap = _cache_repo(tmp_path / "hub")
+    idx = snap / "model.safetensors.index.json"
+    doc = json.loads(idx.read_text())
+    doc["weight_map"]["y"] = doc["weight_map"]["z"] = "../../blobs/" + os.readlink(snap / "b.safetensors").split("/")[-1]
+    idx.unlink()
+    idx.write_text(json.dumps(doc))
+    with pytest.raises(DistLoadError, match="refusing file name"):
+        read_checkpoint(snap)
+
+
+def test_a_repo_id_resolves_from_the_cache_only(tmp_path, monkeypatch):
+    snap = _cache_repo(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert index.resolve_checkpoint("org/tiny") == snap
+    assert index.resolve_checkpoint("org/tiny", revision="main") == snap
+    assert index.resolve_checkpoint("org/tiny", revision=COMMIT) == snap
+    assert sorted(read_checkpoint("org/tiny").keys()) == ["x", "y", "z"]
+    assert index.local_root("org/tiny") == snap
+
+
+def test_hf_home_is_honoured(tmp_path, monkeypatch):
+    snap = _cache_repo(tmp_path / "home" / "hub")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert index.resolve_checkpoint("org/tiny") == snap
+
+
+@pytest.mark.parametrize("repo,revision", [("org/absent", None), ("org/tiny", "v9")])
+def test_an_uncached_repo_id_says_how_to_download_it(tmp_path, monkeypatch, repo, revision):
+    _cache_repo(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistLoadError) as exc:
+        index.resolve_checkpoint(repo, revision=revision)
+    msg = str(exc.value)
+    assert f"{repo}" in msg and "not in the local Hugging Face cache" in msg and "never downloads" in msg
+    assert f"hf download {repo}" in msg and f"huggingface-cli download {repo}" in msg
+    assert str(tmp_path / "hub") in msg
+
+
+def test_a_missing_path_that_is_no_repo_id_is_a_plain_error(tmp_path):
+    for p in (tmp_path / "nope", "a/b/c", "./x/y"):
+        with pytest.raises(DistLoadError, match="does not exist"):
+            index.resolve_checkpoint(p)
