@@ -40,7 +40,7 @@ def _mlp(prefix: str, inter: int) -> list:
             + _fp8(f"{prefix}.down_proj", HIDDEN, inter))
 
 
-def _layer(i: int) -> list:
+def _layer(i: int, mtp: int) -> list:
     p = f"model.layers.{i}"
     out = [(f"{p}.input_layernorm.weight", "BF16", (HIDDEN,)),
            (f"{p}.post_attention_layernorm.weight", "BF16", (HIDDEN,))]
@@ -59,7 +59,7 @@ def _layer(i: int) -> list:
     for e in range(EXPERTS):
         out += _mlp(f"{p}.mlp.experts.{e}", MOE_INTER)
     out += _mlp(f"{p}.mlp.shared_experts", MOE_INTER)
-    if i == LAYERS:  # the multi-token-prediction module
+    if i == mtp:  # the multi-token-prediction module
         out += [(f"{p}.embed_tokens.weight", "BF16", (VOCAB, HIDDEN)), (f"{p}.enorm.weight", "BF16", (HIDDEN,)),
                 (f"{p}.hnorm.weight", "BF16", (HIDDEN,)), (f"{p}.eh_proj.weight", "BF16", (HIDDEN, 2 * HIDDEN)),
                 (f"{p}.shared_head.norm.weight", "BF16", (HIDDEN,)),
@@ -67,11 +67,11 @@ def _layer(i: int) -> list:
     return out
 
 
-def deepseek_v3_tensors() -> list[tuple[str, str, tuple[int, ...]]]:
-    """Every (name, dtype, shape) of the checkpoint, in file order."""
+def deepseek_v3_tensors(layers: int = LAYERS) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Every (name, dtype, shape) of the checkpoint, in file order (``layers`` < 61: a shallower copy)."""
     out = [("model.embed_tokens.weight", "BF16", (VOCAB, HIDDEN))]
-    for i in range(LAYERS + 1):
-        out += _layer(i)
+    for i in range(layers + 1):
+        out += _layer(i, layers)
     return out + [("model.norm.weight", "BF16", (HIDDEN,)), ("lm_head.weight", "BF16", (VOCAB, HIDDEN))]
 
 
@@ -79,11 +79,11 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return SIZES[dtype] * math.prod(shape)
 
 
-def write_fake_checkpoint(out: Path, files: int = FILES) -> Path:
+def write_fake_checkpoint(out: Path, files: int = FILES, layers: int = LAYERS) -> Path:
     """Write ``files`` sparse shards plus the index into ``out``; returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = deepseek_v3_tensors()
+    tensors = deepseek_v3_tensors(layers)
     total = sum(_nbytes(d, s) for _, d, s in tensors)
     target = total / files
     groups: list[list] = [[]]
@@ -117,12 +117,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--files", type=int, default=FILES)
+    p.add_argument("--layers", type=int, default=LAYERS, help="transformer layers (the MTP layer comes on top)")
     args = p.parse_args()
-    out = write_fake_checkpoint(args.out, args.files)
+    out = write_fake_checkpoint(args.out, args.files, args.layers)
     shards = sorted(out.glob("*.safetensors"))
     apparent = sum(f.stat().st_size for f in shards)
     disk = sum(os.stat(f).st_blocks * 512 for f in shards)
-    print(f"{out}: {len(shards)} file(s), {len(deepseek_v3_tensors())} tensors, {apparent / 1e9:.1f} GB apparent, "
+    print(f"{out}: {len(shards)} file(s), {len(deepseek_v3_tensors(args.layers))} tensors, {apparent / 1e9:.1f} GB apparent, "
           f"{disk / 1e6:.1f} MB on disk")
 
 
