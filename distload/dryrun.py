@@ -39,6 +39,7 @@ class PlanCost:
     chunks: int  # broadcast chunks
     scatters: int  # scatter chunks (sharded)
     slices: int  # slice reads of the slowest measured rank (sharded)
+    send_bytes: int = 0  # the largest padded scatter send buffer (sharded): seg_bytes x world
 
     @property
     def rank0_s(self) -> float:
@@ -51,7 +52,8 @@ class PlanCost:
                 f"planning {self.rank0_s:5.2f} s on rank 0 (cpu {self.coordinator_cpu_s + self.rank_cpu_s[0]:.2f} s: "
                 f"coordinator {self.coordinator_cpu_s:.2f} + own schedule {self.rank_cpu_s[0]:.2f}), "
                 f"{self.rank_s[worst]:.2f} s on rank {worst} (cpu {self.rank_cpu_s[worst]:.2f} s); "
-                f"{self.chunks} broadcast chunk(s), {self.scatters} scatter(s), {self.slices} slice read(s) per rank")
+                f"{self.chunks} broadcast chunk(s), {self.scatters} scatter(s), {self.slices} slice read(s) per rank"
+                + (f"; largest padded send buffer {self.send_bytes / 1e9:.2f} GB" if self.scatters else ""))
 
 
 def emulated_ranks(world: int, per_node: int = 8) -> list[RankInfo]:
@@ -114,4 +116,5 @@ def measure(path: str, world: int, *, sharded: bool, per_node: int = 8, bucket_m
         slices = max(slices, n)
     return PlanCost(world, "sharded" if sharded else "replicated", sum(len(f.tensors) for f in plan.files),
                     len(plan.files), len(blob), coordinator_s, rank_s, coordinator_cpu_s, rank_cpu_s, len(got.chunks),
-                    len(got.sharded.scatters) if got.sharded is not None else 0, slices)
+                    len(got.sharded.scatters) if got.sharded is not None else 0, slices,
+                    got.sharded.send_bytes if got.sharded is not None else 0)
