@@ -14,7 +14,7 @@ Note on size:
     on first use, with the same code the coordinator would run, so every rank
     gets the same schedule. Of the rank table only the file owners' entries
     travel, so the bytes each rank receives do not grow with the world size
-    (about 1 MB for DeepSeek-V3's 92k tensors; ``--dry-run --world N``
+    (about 0.6 MB for DeepSeek-V3's 92k tensors; ``--dry-run --world N``
     measures it).
 """
 
