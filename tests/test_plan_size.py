@@ -119,8 +119,12 @@ def test_each_ranks_derived_schedule_equals_the_full_one(world, policy):
             assert mine.chunks == coordinator.chunks
             sp = mine.sharded
             assert sp.policies == full.policies
-            assert [(c.file, c.owner, c.start, c.nbytes, c.slabs, c.seg_bytes) for c in sp.scatters] == \
-                [(c.file, c.owner, c.start, c.nbytes, c.slabs, c.seg_bytes) for c in full.scatters]
+            assert [(c.file, c.owner, c.start, c.nbytes, c.slabs, c.seg_bytes, c.ranks) for c in sp.scatters] == \
+                [(c.file, c.owner, c.start, c.nbytes, c.slabs, c.seg_bytes, c.ranks) for c in full.scatters]
+            for chunk in sp.scatters:  # the owner plus every rank on the chunk's meshes
+                held = {r for s in chunk.slabs for r, reg in enumerate(full.layouts[s.name].regions) if reg is not None}
+                assert chunk.ranks == tuple(sorted(held | {chunk.owner}))
+                assert chunk.send_bytes == chunk.seg_bytes * len(chunk.ranks)
             for chunk, ref in zip(sp.scatters, reference):
                 got = [(p.slab, p.name, p.seg_offset, p.local_offset, p.nbytes, p.rows) for p in chunk.parts_of(rank)]
                 assert got == ref[rank], (trial, rank)
