@@ -366,7 +366,7 @@ class _Load:
         """
         mine = [i for i, o in enumerate(plan.owners) if o == self.comm.rank]
         if plan.sharded is not None:  # files this rank reads its own slices from
-            mine += sorted({c.file for c in plan.sharded.slices if c.owner == self.comm.rank} - set(mine))
+            mine += sorted({c.file for c in plan.sharded.slices_of(self.comm.rank)} - set(mine))
         if not mine:
             return
         root = local_root(self.path)
