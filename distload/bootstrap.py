@@ -20,6 +20,7 @@ import torch
 
 from .comm import Comm, LocalComm, TorchComm
 from .errors import DistLoadError
+from .groups import check_group_device
 from .plan import RankInfo
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -324,6 +325,7 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
     if dist.get_world_size(group) == 1:
         return LocalComm(device)
     backend = dist.get_backend(group)
+    check_group_device(group if group is not None else dist.distributed_c10d._get_default_group(), device, backend)
     if device.type == "cuda" and "nccl" not in str(backend):
         raise DistLoadError(f"device {device} needs an NCCL process group, but the group uses {backend}")
     # gloo moves host memory; an NCCL group moves device memory.

@@ -16,6 +16,16 @@ Note:
     CLI aborts the MPI job, and ``mpiexec`` stops everything when a rank dies
     outright. Failures that a rank catches (a missing file, a bad header) are
     agreed on and raised everywhere, as with torch.distributed.
+
+    A collective that timed out stays posted, and MPI may still write into
+    (or read from) its buffers if the late rank turns up. So every call hands
+    its buffers (the tensors and bytearrays behind the memory views) to the
+    waiter along with the request, and the waiter thread holds them until
+    the request completes: after a timeout the loader may drop and free its
+    tensors, but their memory stays allocated until MPI is done with it, or
+    until the job is aborted (the CLI calls ``MPI_Abort``; a program that
+    calls ``load_checkpoint`` itself must end the job too, as nothing can
+    cancel the request). :func:`stranded` counts those held requests.
 """
 
 from __future__ import annotations
@@ -72,20 +82,29 @@ class _Waiter:
 
     def _run(self) -> None:
         while True:
-            request, done, failure = self._jobs.get()
+            job = self._jobs.get()
+            request, keep, done, failure = job
             try:
                 request.Wait()
             except BaseException as e:  # an MPI error: the caller raises it, not a timeout
                 failure.append(e)
             done.set()
+            with _LOCK:
+                _STRANDED.pop(id(job), None)
+            del job, request, keep  # MPI is done with the buffers: they may be freed now
 
-    def wait(self, request: Any, timeout_s: float) -> bool:
+    def wait(self, request: Any, timeout_s: float, keep: tuple = ()) -> bool:
+        """Wait for ``request``; ``keep`` (its buffers) stays referenced until it completes, even after a timeout."""
         if not self.threaded:
             request.Wait()
             return True
         done, failure = threading.Event(), []
-        self._jobs.put((request, done, failure))
+        job = (request, keep, done, failure)
+        self._jobs.put(job)
         if not done.wait(timeout_s):
+            with _LOCK:
+                if not done.is_set():
+                    _STRANDED[id(job)] = job
             self.stuck = True
             return False
         if failure:
@@ -94,6 +113,15 @@ class _Waiter:
 
 
 _WAITER: _Waiter | None = None
+# Requests that timed out and are still posted, with their buffers: held until they complete.
+_STRANDED: dict[int, tuple] = {}
+_LOCK = threading.Lock()
+
+
+def stranded() -> int:
+    """How many timed-out MPI requests are still posted, their buffers held alive."""
+    with _LOCK:
+        return len(_STRANDED)
 
 
 def _waiter() -> _Waiter:
@@ -121,44 +149,47 @@ class MpiComm(Comm):
         self.device = torch.device("cpu")  # whatever the load's device: MPI moves host memory
         self.timeout_s = timeout_s
 
-    def _wait(self, request: Any, what: str) -> None:
-        """Complete one nonblocking collective, or raise ``TimeoutError`` after ``timeout_s``."""
-        if not _waiter().wait(request, self.timeout_s):
+    def _wait(self, request: Any, what: str, *keep: Any) -> None:
+        """Complete one nonblocking collective, or raise ``TimeoutError`` after ``timeout_s``.
+
+        ``keep``: the objects owning the request's memory, held until it completes (see the module note).
+        """
+        if not _waiter().wait(request, self.timeout_s, keep):
             raise TimeoutError(f"MPI {what} timed out after {self.timeout_s:g} s "
                                f"on rank {self.rank} of {self.world_size}")
 
-    def _bcast_bytes(self, view: memoryview, src: int, what: str) -> None:
+    def _bcast_bytes(self, view: memoryview, src: int, what: str, owner: Any) -> None:
         for off in range(0, len(view), _MAX_BYTES):
             part = view[off : off + _MAX_BYTES]
-            self._wait(self._comm.Ibcast([part, len(part), self._MPI.BYTE], root=src), what)
+            self._wait(self._comm.Ibcast([part, len(part), self._MPI.BYTE], root=src), what, owner)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         sizes = torch.zeros(self.world_size, dtype=torch.int64)
         mine = torch.tensor([len(data)], dtype=torch.int64)
         self._wait(self._comm.Iallgather([host_bytes(mine), 1, self._MPI.INT64_T],
-                                         [host_bytes(sizes), 1, self._MPI.INT64_T]), "all-gather")
+                                         [host_bytes(sizes), 1, self._MPI.INT64_T]), "all-gather", mine, sizes)
         counts = sizes.tolist()
         if max(counts) >= _MAX_BYTES:
             raise DistLoadError(f"an object of {max(counts)} bytes is too large to gather over MPI")
         offsets = [sum(counts[:r]) for r in range(self.world_size)]
         out = bytearray(sum(counts))
         self._wait(self._comm.Iallgatherv([data, len(data), self._MPI.BYTE],
-                                          [out, (counts, offsets), self._MPI.BYTE]), "all-gather")
+                                          [out, (counts, offsets), self._MPI.BYTE]), "all-gather", data, out)
         return [pickle.loads(out[o : o + n]) for o, n in zip(offsets, counts)]
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
-        self._wait(self._comm.Ibcast([host_bytes(size), 1, self._MPI.INT64_T], root=src), "broadcast")
+        self._wait(self._comm.Ibcast([host_bytes(size), 1, self._MPI.INT64_T], root=src), "broadcast", size)
         buf = bytearray(data) if self.rank == src else bytearray(int(size.item()))
         if buf:
-            self._bcast_bytes(memoryview(buf), src, "broadcast")
+            self._bcast_bytes(memoryview(buf), src, "broadcast", buf)
         return obj if self.rank == src else pickle.loads(buf)
 
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         if buf.numel():
-            self._bcast_bytes(host_bytes(buf), src, "broadcast")
+            self._bcast_bytes(host_bytes(buf), src, "broadcast", buf)
 
     def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
         """(all ranks) ``MPI_Scatter`` of equal byte segments of ``src``'s ``send`` into each ``buf``."""
@@ -173,7 +204,7 @@ class MpiComm(Comm):
                                           root=src)
         else:
             request = self._comm.Iscatter(None, recv, root=src)
-        self._wait(request, "scatter")
+        self._wait(request, "scatter", buf, send)
 
     def failed_ranks(self, failed: bool) -> list[int]:
         status = torch.zeros(self.world_size, dtype=torch.int32)
@@ -182,5 +213,5 @@ class MpiComm(Comm):
         out = torch.zeros_like(status)
         self._wait(self._comm.Iallreduce([host_bytes(status), self.world_size, self._MPI.INT32_T],
                                          [host_bytes(out), self.world_size, self._MPI.INT32_T], op=self._MPI.MAX),
-                   "status all-reduce")
+                   "status all-reduce", status, out)
         return [r for r, v in enumerate(out.tolist()) if v]

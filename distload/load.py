@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (file -> rank; with --mode fsdp also the shard scatters) "
                         "and read no tensor data")
+    p.add_argument("--world", type=int, metavar="N",
+                   help="with --dry-run: emulate N ranks (8 per node) in this one process, replicated and with "
+                        "every tensor Shard(0) over all N ranks, and print the plan bytes each rank receives "
+                        "and the planning seconds")
     p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dtype != "auto" and args.dtype not in DTYPES:
             raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
+        if args.world is not None:
+            return _print_plan_cost(args)
         if args.dry_run and args.mode != "fsdp":  # the file plan needs no model
             return _print_plan(args)
         model = build_model(args.model, args.path)
@@ -177,6 +183,18 @@ def _print_plan(args: argparse.Namespace, **model_args) -> int:
                            comm=args.comm, **model_args)
     if _rank() == 0:
         print(plan.describe())
+    return 0
+
+
+def _print_plan_cost(args: argparse.Namespace) -> int:
+    """(one process, no process group) Plan size and planning time at an emulated world size."""
+    from .dryrun import measure
+
+    if not args.dry_run or args.world < 1:
+        raise DistLoadError("--world N needs --dry-run and N >= 1")
+    for sharded in (False, True):
+        print(measure(args.path, args.world, sharded=sharded, bucket_mb=args.bucket_mb,
+                      read_policy=args.read_policy).line(), flush=True)
     return 0
 
 

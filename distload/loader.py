@@ -30,6 +30,7 @@ from .comm import Comm, TorchComm, describe
 from .dtensor import has_dtensors, sharded_layouts
 from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
+from .groups import argument_mismatch, load_arguments
 from .index import local_root, read_checkpoint
 from .place import (
     Placement,
@@ -290,11 +291,15 @@ class _Load:
         def mine() -> tuple:
             nonlocal sig
             sig = model_signature(self.model) if self.model is not None else {}
-            return rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
+            return (rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest(),
+                    load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb))
 
         # Any rank's local failure rides in the first gather, so no rank is
         # left waiting for the plan broadcast.
         gathered = self.comm.gather_or_raise("plan", mine)
+        mismatch = argument_mismatch([g[2] for g in gathered])
+        if mismatch is not None:
+            raise mismatch
         plan, match = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))
         if match is not None:
             self.match = match
@@ -303,11 +308,11 @@ class _Load:
     def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, _Match | None]:
         """(coordinator) Validate the checkpoint against the model and build the plan."""
         digest = gathered[0][1]
-        differ = [r for r, (_, d) in enumerate(gathered) if d != digest]
+        differ = [r for r, (_, d, _) in enumerate(gathered) if d != digest]
         if differ:
             raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
                                 "every rank must build the same model")
-        ranks = [i for i, _ in gathered]
+        ranks = [g[0] for g in gathered]
         ckpt = read_checkpoint(self.path, strict=self.strict)
         if self.model is None:
             # The dtype each tensor lands in; refusals name the key.
@@ -366,7 +371,7 @@ class _Load:
         """
         mine = [i for i, o in enumerate(plan.owners) if o == self.comm.rank]
         if plan.sharded is not None:  # files this rank reads its own slices from
-            mine += sorted({c.file for c in plan.sharded.slices if c.owner == self.comm.rank} - set(mine))
+            mine += sorted({c.file for c in plan.sharded.slices_of(self.comm.rank)} - set(mine))
         if not mine:
             return
         root = local_root(self.path)

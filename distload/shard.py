@@ -16,7 +16,9 @@ row-major gather of ``region[0] x region[1] x ...`` in increasing order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 Interval = tuple[int, int]  # [start, end) of global indices along one dim
 Ranges = tuple[Interval, ...]  # sorted, disjoint, non-empty intervals
@@ -34,11 +36,129 @@ class Placement:
 
 @dataclass(frozen=True)
 class Sharding:
-    """A DTensor's distribution as plain data (mesh ranks are process-group ranks)."""
+    """A DTensor's distribution as plain data (mesh ranks are process-group ranks).
+
+    Many tensors share one mesh, so a Sharding caches its hash and its
+    rank -> mesh position map, and pickles a mesh of consecutive ranks as a
+    ``range``: its size on the wire does not grow with the world.
+    """
 
     mesh: tuple[int, ...]  # ranks, row-major over mesh_shape
     mesh_shape: tuple[int, ...]
     placements: tuple[Placement, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mesh, tuple):
+            object.__setattr__(self, "mesh", tuple(self.mesh))
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.mesh, self.mesh_shape, self.placements))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __reduce__(self):
+        m = self.mesh
+        compact = range(m[0], m[0] + len(m)) if m and m == tuple(range(m[0], m[0] + len(m))) else m
+        return Sharding, (compact, self.mesh_shape, self.placements)
+
+    @property
+    def ranks(self) -> RankTuple:
+        """The mesh's ranks, sorted (one shared tuple)."""
+        got = self.__dict__.get("_ranks")
+        if got is None:
+            got = RankTuple(sorted(self.mesh))
+            object.__setattr__(self, "_ranks", got)
+        return got
+
+    def coord(self, rank: int) -> tuple[int, ...] | None:
+        """``rank``'s mesh coordinate, or None when the mesh does not hold it."""
+        where = self.__dict__.get("_where")
+        if where is None:
+            where = {r: i for i, r in enumerate(self.mesh)}
+            object.__setattr__(self, "_where", where)
+        flat = where.get(rank)
+        if flat is None:
+            return None
+        coord = []
+        for n in reversed(self.mesh_shape):
+            coord.append(flat % n)
+            flat //= n
+        return tuple(reversed(coord))
+
+
+class RankTuple(tuple):
+    """A sorted tuple of ranks that hashes once: many chunks share one, and loops key groups by it."""
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = tuple.__hash__(self)
+        return h
+
+
+class LazyRegions(Sequence):
+    """Every rank's region of one tensor under one sharding, each computed when first asked for.
+
+    What :func:`layout_of` returns as ``Layout.regions``: a world of 16,384
+    ranks costs nothing until a rank looks up its own region (or an owner
+    walks the ranks it sends to). Equal and hashed by ``(shape, sharding,
+    world)``, and pickled as just those.
+    """
+
+    __slots__ = ("shape", "sharding", "world", "_cache")
+
+    def __init__(self, shape: tuple[int, ...], sharding: Sharding, world: int):
+        self.shape, self.sharding, self.world = tuple(shape), sharding, world
+        self._cache: dict[int, Region | None] = {}
+
+    def __len__(self) -> int:
+        return self.world
+
+    def __getitem__(self, rank):  # type: ignore[override]
+        if isinstance(rank, slice):
+            return tuple(self[r] for r in range(*rank.indices(self.world)))
+        if rank < 0:
+            rank += self.world
+        if not 0 <= rank < self.world:
+            raise IndexError(rank)
+        try:
+            return self._cache[rank]
+        except KeyError:
+            coord = self.sharding.coord(rank)
+            region = None if coord is None else local_region(self.shape, self.sharding, coord)
+            self._cache[rank] = region
+            return region
+
+    def __iter__(self):
+        return (self[r] for r in range(self.world))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LazyRegions):
+            return (self.shape, self.world, self.sharding) == (other.shape, other.world, other.sharding)
+        return isinstance(other, (tuple, list)) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.world, self.sharding))
+
+    def __reduce__(self):
+        return LazyRegions, (self.shape, self.sharding, self.world)
+
+    def __repr__(self) -> str:
+        return f"LazyRegions({self.shape}, {self.sharding}, world={self.world})"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the planner needs to know about a layout over all ranks, computed once per layout."""
+
+    replicated: bool  # every rank holds the whole tensor
+    replication: int  # how many ranks hold a typical element
+    sliceable: bool  # every piece is one contiguous byte range and no two overlap
+    max_rows: int  # most dim-0 indices any rank holds
+    max_row_elems: int  # most elements per dim-0 index any rank holds
+    min_numel: int  # fewest elements a rank with a non-empty piece holds (0: no such rank)
 
 
 @dataclass(frozen=True)
@@ -46,10 +166,30 @@ class Layout:
     """Where every element of one tensor lives: ``regions[r]`` for group rank ``r``.
 
     ``None`` means rank ``r`` is outside the tensor's mesh and holds nothing.
+    ``regions`` is a tuple or a :class:`LazyRegions`; properties over all
+    ranks are computed once (:attr:`summary`) and in closed form when the
+    sharding allows, so they cost O(mesh size) at most, not O(world x tensors).
     """
 
     shape: tuple[int, ...]
-    regions: tuple[Region | None, ...]
+    regions: Sequence[Region | None]
+
+    def __reduce__(self):
+        return Layout, (self.shape, self.regions)
+
+    @cached_property
+    def holders(self) -> tuple[int, ...]:
+        """The ranks on the tensor's mesh (those whose region is not None), sorted."""
+        regions = self.regions
+        if isinstance(regions, LazyRegions):
+            ranks = regions.sharding.ranks
+            return ranks if not ranks or ranks[-1] < regions.world else RankTuple(r for r in ranks if r < regions.world)
+        return RankTuple(r for r, region in enumerate(regions) if region is not None)
+
+    @cached_property
+    def summary(self) -> Summary:
+        fast = _separable_summary(self)
+        return fast if fast is not None else _enumerated_summary(self)
 
     def local_shape(self, rank: int) -> tuple[int, ...]:
         region = self.regions[rank]
@@ -63,15 +203,12 @@ class Layout:
     @property
     def replicated(self) -> bool:
         """Every rank holds the whole tensor: the broadcast path serves it."""
-        full = tuple(full_ranges(n) for n in self.shape)
-        return all(r == full for r in self.regions)
+        return self.summary.replicated
 
     @property
     def replication(self) -> int:
         """How many ranks hold a typical element (1 for pure sharding)."""
-        total = math.prod(self.shape)
-        held = sum(self.local_numel(r) for r in range(len(self.regions)))
-        return max(1, -(-held // total)) if total else 1
+        return self.summary.replication
 
     def element_range(self, rank: int) -> Interval | None:
         """Rank's piece as one contiguous range of row-major elements, else None.
@@ -92,11 +229,83 @@ class Layout:
 
     def sliceable(self) -> bool:
         """Each rank's piece is one contiguous byte range and no two overlap."""
-        spans = [self.element_range(r) for r in range(len(self.regions))]
-        if any(s is None for s in spans):
-            return False
-        spans_sorted = sorted(s for s in spans if s and s[1] > s[0])  # type: ignore[misc]
-        return all(a[1] <= b[0] for a, b in zip(spans_sorted, spans_sorted[1:]))
+        return self.summary.sliceable
+
+
+def _enumerated_summary(layout: Layout) -> Summary:
+    """The summary by looking at every rank's region (any sharding)."""
+    full = tuple(full_ranges(n) for n in layout.shape)
+    total = math.prod(layout.shape)
+    replicated, held, max_rows, max_row_elems, min_numel = True, 0, 0, 0, 0
+    spans: list = []
+    for r in range(len(layout.regions)):
+        region = layout.regions[r]
+        replicated = replicated and region == full
+        spans.append(layout.element_range(r))
+        if region is None:
+            continue
+        lengths = [length(x) for x in region]
+        n = math.prod(lengths)
+        held += n
+        if lengths:
+            max_rows = max(max_rows, lengths[0])
+            max_row_elems = max(max_row_elems, math.prod(lengths[1:]))
+        if n and (not min_numel or n < min_numel):
+            min_numel = n
+    sliceable = all(s is not None for s in spans)
+    if sliceable:
+        ordered = sorted(s for s in spans if s and s[1] > s[0])  # type: ignore[misc]
+        sliceable = all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
+    return Summary(replicated, max(1, -(-held // total)) if total else 1, sliceable, max_rows, max_row_elems,
+                   min_numel)
+
+
+def _separable_summary(layout: Layout) -> Summary | None:
+    """The summary in closed form when each tensor dim is split by at most one mesh dim (``Shard``).
+
+    Then a rank's region is a product of independent per-dim pieces, so the
+    extremes over ranks are products of per-dim extremes, and looking at one
+    mesh dim's ``k`` pieces replaces looking at every rank. None when the
+    layout is not of that kind (strided, two mesh dims on one tensor dim,
+    scalars, explicit regions): the caller enumerates.
+    """
+    regions = layout.regions
+    if not isinstance(regions, LazyRegions) or not layout.shape:
+        return None
+    sh, shape = regions.sharding, layout.shape
+    split: dict[int, int] = {}  # tensor dim -> mesh size splitting it
+    rep = 1
+    for pl, k in zip(sh.placements, sh.mesh_shape):
+        if pl.kind == "replicate":
+            rep *= k
+        elif pl.kind == "shard" and pl.dim not in split:
+            split[pl.dim] = k
+        else:
+            return None
+    lens = [_piece_lengths(n, split.get(d, 1)) for d, n in enumerate(shape)]
+    covers = len(sh.mesh) == regions.world and len(set(sh.mesh)) == regions.world
+    replicated = covers and all(ls == {n} for ls, n in zip(lens, shape))
+    total = math.prod(shape)
+    nonzero = [[x for x in ls if x] for ls in lens]
+    min_numel = math.prod(min(nz) for nz in nonzero) if all(nonzero) else 0
+    empty = total == 0
+    contiguous = all(ls <= {0, n} for ls, n in zip(lens[1:], shape[1:]))
+    sliceable = empty or (contiguous and (rep == 1 or min_numel == 0))
+    return Summary(replicated, rep if total else 1, sliceable, max(lens[0]),
+                   math.prod(max(ls) for ls in lens[1:]), min_numel)
+
+
+def _piece_lengths(n: int, k: int) -> set[int]:
+    """The distinct lengths of the ``k`` pieces ``torch.chunk`` cuts a length-``n`` dim into."""
+    size = -(-n // k) if n else 0
+    whole = n // size if size else 0
+    rest = n - whole * size
+    out = {size} if whole else set()
+    if rest:
+        out.add(rest)
+    if whole + (1 if rest else 0) < k:
+        out.add(0)
+    return out
 
 
 def full_ranges(n: int) -> Ranges:
@@ -170,12 +379,5 @@ def local_region(shape: tuple[int, ...], sharding: Sharding, coord: tuple[int, .
 
 
 def layout_of(shape: tuple[int, ...], sharding: Sharding, world_size: int) -> Layout:
-    """(coordinator) Every rank's region of one tensor."""
-    regions: list[Region | None] = [None] * world_size
-    for flat, rank in enumerate(sharding.mesh):
-        coord, rest = [], flat
-        for n in reversed(sharding.mesh_shape):
-            coord.append(rest % n)
-            rest //= n
-        regions[rank] = local_region(shape, sharding, tuple(reversed(coord)))
-    return Layout(tuple(shape), tuple(regions))
+    """(any rank) Every rank's region of one tensor, each computed when first looked up."""
+    return Layout(tuple(shape), LazyRegions(tuple(shape), sharding, world_size))

@@ -59,13 +59,13 @@ class Step:
     item: Chunk | ScatterChunk
 
 
-def schedule(plan: LoadPlan) -> tuple[Step, ...]:
-    """(pure, every rank alike) Broadcasts, then scatters, then each rank's own slice reads."""
+def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
+    """(pure, every rank alike) Broadcasts, then scatters, then the slice reads of ``rank`` (None: every rank's)."""
     steps = [Step(BROADCAST, c) for c in plan.chunks if c.nbytes]
     sp = plan.sharded
     if sp is not None:
         steps += [Step(SCATTER, c) for c in sp.scatters if c.seg_bytes]
-        steps += [Step(SLICE, c) for c in sp.slices if c.nbytes]
+        steps += [Step(SLICE, c) for c in (sp.slices if rank is None else sp.slices_of(rank)) if c.nbytes]
     return tuple(steps)
 
 
@@ -81,7 +81,7 @@ class Transfer:
 
     def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None):
         self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
-        self.steps = schedule(plan)
+        self.steps = schedule(plan, comm.rank)
         self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
         self.buffer_bytes = 0
 

@@ -137,3 +137,48 @@ def test_the_mpi_waiter_raises_a_failed_wait_and_reports_a_stuck_one():
     never = Never()
     assert waiter.wait(never, 0.2) is False and waiter.stuck
     never.release.set()
+
+
+def test_a_timed_out_mpi_broadcast_keeps_its_buffer_until_the_request_completes(tmp_path):
+    """MPI cannot cancel a posted collective: its memory must outlive the loader's reference to it."""
+    _require_mpi()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(TESTS / "mpi_stranded_check.py"), str(tmp_path)],
+                          env=clean_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = json.loads((tmp_path / "rank0.json").read_text())
+    assert seen == {"timed_out": True, "alive_after_timeout": True, "stranded_after_timeout": 1,
+                    "zeros_until_the_root_sends": True, "released_after_completion": True,
+                    "stranded_after_completion": 0}
+
+
+def test_the_mpi_waiter_holds_a_stuck_requests_buffers_until_it_completes():
+    import gc
+    import threading
+    import weakref
+
+    import torch
+
+    from distload.comm_mpi import _Waiter, stranded
+
+    class Late:
+        def __init__(self):
+            self.release = threading.Event()
+
+        def Wait(self):
+            self.release.wait()
+
+    waiter, late = _Waiter(threaded=True), Late()
+    buf = torch.zeros(16)
+    ref = weakref.ref(buf)
+    before = stranded()
+    assert waiter.wait(late, 0.1, keep=(buf,)) is False
+    del buf
+    gc.collect()
+    assert ref() is not None and stranded() == before + 1
+    late.release.set()
+    for _ in range(200):
+        if ref() is None:
+            break
+        threading.Event().wait(0.02)
+        gc.collect()
+    assert ref() is None and stranded() == before

@@ -1,0 +1,60 @@
+"""Checks that a load's ranks were handed a usable group and the same arguments.
+
+Pure helpers with no collectives of their own: :func:`check_group_device`
+runs on each rank before the first collective, and :func:`argument_mismatch`
+on every rank after the plan phase's first all-gather, which carries each
+rank's :func:`load_arguments`. Every rank sees the same gathered list, so
+every rank raises the same error and none is left waiting in a later
+collective.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import DistLoadError
+
+# The arguments every rank must agree on: they decide the plan and its collectives.
+LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb")
+
+
+def load_arguments(path, dtype, strict, read_policy, bucket_mb) -> tuple[str, ...]:
+    """This rank's arguments, in :data:`LOAD_ARGUMENTS` order, as comparable text."""
+    return (os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path), str(dtype), repr(strict),
+            repr(read_policy), repr(bucket_mb))
+
+
+def argument_mismatch(gathered: list[tuple[str, ...] | None]) -> DistLoadError | None:
+    """(every rank) The error naming each argument and the ranks whose value differs from rank 0's, if any."""
+    if not gathered or gathered[0] is None:
+        return None
+    base = gathered[0]
+    failures: dict[int, str] = {}
+    for r, args in enumerate(gathered):
+        if args is None or args == base:
+            continue
+        diffs = [f"{name} is {mine} here but {theirs} on rank 0"
+                 for name, mine, theirs in zip(LOAD_ARGUMENTS, args, base) if mine != theirs]
+        failures[r] = ("load arguments differ between ranks: " + "; ".join(diffs)
+                       + f" (every rank must pass the same {', '.join(LOAD_ARGUMENTS)})")
+    return DistLoadError.from_failures("plan", failures) if failures else None
+
+
+def check_group_device(group, device: torch.device, backend: str) -> None:
+    """(each rank, before any collective) Refuse a group that cannot move memory of ``device``'s type.
+
+    An NCCL-only group moves only CUDA memory: with ``device="cpu"`` it would
+    fail at the first collective with an opaque backend error.
+    """
+    types = getattr(group, "_device_types", None) if group is not None else None
+    if types is not None:
+        serves = {t.type for t in types}
+    else:  # an older torch: judge by the backend's name
+        serves = {"cuda"} if str(backend) == "nccl" else {"cpu", "cuda"}
+    if device.type == "cpu" and "cpu" not in serves:
+        raise DistLoadError(
+            f"device='cpu' needs a process group that moves host memory (gloo), but the group's backend "
+            f"{backend} serves only {', '.join(sorted(serves))} tensors; pass a gloo group "
+            "(dist.new_group(backend='gloo')) as process_group, or load with device='cuda'")
