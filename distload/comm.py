@@ -69,6 +69,16 @@ class Comm(ABC):
     def failed_ranks(self, failed: bool) -> list[int]:
         """(all ranks) The ranks that passed ``failed=True``. One tiny collective."""
 
+    @abstractmethod
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """(the ranks named) Point-to-point: send each ``(buf, dst)``, fill each ``(buf, src)``; return when all are done.
+
+        Not a collective: only the ranks that appear as a peer take part, each
+        posting the mirror of what its peers post, in the same order per pair.
+        Buffers are contiguous, on ``device``. Used by the save, where a file's
+        writer receives exactly the piece each rank holds.
+        """
+
     def agree(self, phase: str, error: BaseException | None) -> None:
         """(all ranks) Raise the same :class:`DistLoadError` everywhere if any rank failed.
 
@@ -118,6 +128,9 @@ class LocalComm(Comm):
 
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
+
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        assert not sends and not recvs, "a single process has no peers"
 
 
 class TorchComm(Comm):
@@ -174,6 +187,14 @@ class TorchComm(Comm):
             return
         parts = list(send.split(n)) if self.rank == src and send is not None else None
         self._dist.scatter(buf, parts, src=self._global[src], group=self.group)
+
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        dist = self._dist
+        ops = [dist.P2POp(dist.isend, buf, self._global[dst], self.group) for buf, dst in sends if buf.numel()]
+        ops += [dist.P2POp(dist.irecv, buf, self._global[src], self.group) for buf, src in recvs if buf.numel()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def failed_ranks(self, failed: bool) -> list[int]:
         self._status.zero_()
