@@ -14,14 +14,18 @@ from .errors import DistLoadError
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
 from .report import LoadReport
+from .save import save_checkpoint
+from .save_report import SaveReport
 
 __all__ = [
     "DistLoadError",
     "LoadReport",
+    "SaveReport",
     "empty_init",
     "init_distributed",
     "load_checkpoint",
     "load_state_dict",
     "plan_checkpoint",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"
