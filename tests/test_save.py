@@ -416,3 +416,23 @@ def test_fsdp2_save_memory_growth_stays_within_three_buckets(tmp_path):
         bound = 3 * MEM_BUCKET_MB * 2**20 + SLACK_MB * 2**20
         assert growth <= bound, f"grew {growth / 2**20:.1f} MiB, local shards {local / 2**20:.1f} MiB"
         assert local < full / 2 and wrote > 0
+
+
+# ---- the training entry point ----------------------------------------------------------------------------
+
+
+def test_train_fsdp_saves_with_save_dir_and_the_result_loads_with_from_pretrained(llama, tmp_path):
+    from launch_env import clean_env, venv_tool
+
+    ckpt, ref_files, ref_sd = llama
+    train = HERE.parent / "launch" / "train_fsdp.py"
+    proc = subprocess.run(
+        [venv_tool("torchrun"), "--standalone", "--nproc_per_node", "2", str(train), str(ckpt), "--device", "cpu",
+         "--steps", "0", "--bucket-mb", "0.05", "--save", str(tmp_path / "out"), "--max-shard-size", "100KB"],
+        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "distload save:" in proc.stdout
+    files = read_dir(tmp_path / "out")
+    for k, v in ref_files.items():  # no steps: the saved weights are the loaded ones
+        assert torch.equal(files[k], v), k
+    _equal_from_pretrained(tmp_path / "out", ref_sd)
