@@ -14,7 +14,7 @@ from .errors import DistLoadError
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
 from .report import LoadReport
-from .save import save_checkpoint
+from .saver import save_checkpoint
 from .save_report import SaveReport
 
 __all__ = [

@@ -20,7 +20,7 @@ from torch import nn
 import distload
 from ckpt import write_llama
 from dist import run_world
-from distload.save import save_checkpoint
+from distload.saver import save_checkpoint
 
 HERE = Path(__file__).parent
 BUCKET_MB = 0.01  # 10 KiB: many chunks, row blocks and coalesced buckets even in tiny models
@@ -436,3 +436,68 @@ def test_train_fsdp_saves_with_save_dir_and_the_result_loads_with_from_pretraine
     for k, v in ref_files.items():  # no steps: the saved weights are the loaded ones
         assert torch.equal(files[k], v), k
     _equal_from_pretrained(tmp_path / "out", ref_sd)
+
+
+# ---- the pure plan ----------------------------------------------------------------------------------------
+
+
+def test_box_of_recognizes_expert_rows_and_chunks_and_refuses_transposes():
+    from distload.save_keys import box_of
+
+    base = torch.empty(3, 8, 4, device="meta")
+    assert box_of(base[1], (3, 8, 4)) == ((1, 2), (0, 8), (0, 4))
+    assert box_of(base[2].chunk(2, dim=0)[1], (3, 8, 4)) == ((2, 3), (4, 8), (0, 4))
+    assert box_of(base[:, 2:6], (3, 8, 4)) == ((0, 3), (2, 6), (0, 4))
+    assert box_of(base[0].t(), (3, 8, 4)) is None
+
+
+def test_split_follows_save_pretrained_and_headers_parse_as_safetensors():
+    from distload.index import parse_header
+    from distload.save_plan import OutTensor, build_plan, split_files
+
+    def t(name, n, dtype="F32"):
+        return OutTensor(name, name, dtype, (n,), ((0, n),))
+
+    tensors = [t("a", 10), t("b", 30), t("c", 5, "BF16"), t("big", 100), t("d", 1)]
+    # 40 + 120 B fill the first file; 10 B would pass the limit, so a new one opens; 400 B is too large
+    # and gets a file of its own at once, before the open one closes (huggingface_hub's order).
+    assert split_files(tensors, 160) == [[0, 1], [3], [2, 4]]
+    plan = build_plan(tensors, {}, {x.name: x.shape for x in tensors}, [], max_shard_size=160, bucket_bytes=64,
+                      stage="/nowhere")
+    assert [f.name for f in plan.files] == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    for spec in plan.files:
+        parsed = parse_header(spec.header[8:], spec.size, spec.name)  # distload's own validator
+        assert sorted(x.name for x in parsed.tensors) == sorted(tensors[i].name for i in spec.tensors)
+    chunks = [c for c in plan.chunks if c.file == 1]
+    assert sum(c.nbytes for c in chunks) == 400 and all(c.nbytes <= 64 for c in chunks)  # row blocks
+
+
+def test_contributions_cover_each_element_once_with_replicated_dims():
+    from distload.save_plan import OutTensor, build_plan, contributions
+    from distload.shard import Placement, Sharding
+
+    # HSDP-like: replicate over mesh dim 0, shard rows over dim 1, world 4; the writer holds half.
+    sh = Sharding((0, 1, 2, 3), (2, 2), (Placement("replicate"), Placement("shard", 0)))
+    t = OutTensor("w", "w", "F32", (5, 3), ((0, 5), (0, 3)))
+    plan = build_plan([t], {"w": sh}, {"w": (5, 3)}, [], max_shard_size=10**6, bucket_bytes=1 << 20,
+                      stage="/nowhere")
+    plan = type(plan)(**{**plan.__dict__, "world_size": 4, "writers": (2,)})
+    chunk = type(plan.chunks[0])(0, 2, plan.chunks[0].offset, 60, plan.chunks[0].pieces, True)
+    parts = contributions(plan, chunk)
+    assert sorted(parts) == [1, 2]  # rank 2 holds rows 0-2 itself; rows 3-4 from rank 1, the lowest holder
+    assert parts[2] == [(0, ((0, 3), (0, 3)))] and parts[1] == [(0, ((3, 5), (0, 3)))]
+
+
+def test_save_cli_reshards_a_checkpoint_under_torchrun(llama, tmp_path):
+    from launch_env import clean_env, venv_tool
+
+    ckpt, ref_files, ref_sd = llama
+    proc = subprocess.run(
+        [venv_tool("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "distload.save", str(ckpt),
+         str(tmp_path / "out"), "--max-shard-size", "300KB", "--bucket-mb", "0.05"],
+        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RuntimeWarning" not in proc.stderr
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) < len(list(ckpt.glob("*.safetensors")))
+    files = read_dir(tmp_path / "out")
+    assert files.keys() == ref_files.keys() and all(torch.equal(files[k], v) for k, v in ref_files.items())
