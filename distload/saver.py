@@ -141,6 +141,7 @@ class _Save:
         self.error: BaseException | None = None  # a local failure, agreed on at the next check
         self.sent = self.received = self.gathered = 0
         self.tensors: dict[str, torch.Tensor] = {}
+        self.stage: Path | None = None  # rank 0: the staging directory it created
 
     def run(self) -> SaveReport:
         t0 = time.perf_counter()
@@ -225,12 +226,11 @@ class _Save:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 stage = stage_dir(self.target.absolute(), secrets.token_hex(6))
                 os.mkdir(stage)
+                self.stage = stage
                 plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
                                   bucket_bytes=self.bucket_bytes, stage=str(stage))
             except Exception as e:
                 err = e
-                if stage is not None:
-                    remove_stage(stage)
         self.comm.agree("plan", err)
         return self.comm.broadcast_object(plan, 0)
 
@@ -438,8 +438,8 @@ class _Save:
             queue.close()
         for f in files.values():
             f.abort()
-        if plan is not None and self.comm.rank == 0:
-            remove_stage(Path(plan.stage))
+        if self.stage is not None:  # rank 0, even when the plan never reached the others
+            remove_stage(self.stage)
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) The error for a collective that broke instead of agreeing."""

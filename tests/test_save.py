@@ -142,7 +142,7 @@ class _Worlds(dict):
 
     def __missing__(self, world: int):
         root = self.factory.mktemp(f"saved{world}")
-        self[world] = (root, run_world(_roundtrip_world, world, str(self.ckpt), str(root), timeout=300))
+        self[world] = (root, run_world(_roundtrip_world, world, str(self.ckpt), str(root), timeout=600))
         return self[world]
 
 
@@ -217,7 +217,7 @@ def test_fsdp_ranks_send_only_their_shards_to_other_writers(saved):
 
 def test_2x2_mesh_fsdp_by_tp_saves_bit_for_bit(llama, tmp_path):
     ckpt, ref_files, ref_sd = llama
-    out = run_world(_mesh2d_world, 4, str(ckpt), str(tmp_path), timeout=240)
+    out = run_world(_mesh2d_world, 4, str(ckpt), str(tmp_path), timeout=600)
     assert "_StridedShard" in out[0][1]["model.layers.0.self_attn.q_proj.weight"]
     files = read_dir(tmp_path / "mesh2d")
     assert files.keys() == ref_files.keys()
@@ -259,7 +259,7 @@ def _moe_world(rank, world, out):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_moe_models_save_experts_per_expert_as_save_pretrained_does(tmp_path, world):
-    fused = run_world(_moe_world, world, str(tmp_path), timeout=240)[0]
+    fused = run_world(_moe_world, world, str(tmp_path), timeout=600)[0]
     for name, (cls, cfg) in _moe_models().items():
         assert any(k.endswith("gate_up_proj") for k in fused[name])  # the model holds fused experts
         torch.manual_seed(0)
@@ -310,7 +310,7 @@ def _enospc_world(rank, world, ckpt, out, fault_rank):
 def test_a_write_error_on_one_rank_fails_every_rank_and_keeps_the_old_checkpoint(llama, tmp_path, world):
     ckpt, ref_files, _ = llama
     out = tmp_path / "ckpt"
-    results = run_world(_enospc_world, world, str(ckpt), str(out), 1, timeout=240)
+    results = run_world(_enospc_world, world, str(ckpt), str(out), 1, timeout=600)
     for res in results:
         assert res is not None, "the save succeeded"
         phase, failures, text = res
@@ -407,7 +407,7 @@ def _measure_save(rank, world, out):
 
 def test_fsdp2_save_memory_growth_stays_within_three_buckets(tmp_path):
     """A writer holds two staging buffers and one receive buffer; a sender one pack buffer."""
-    results = run_world(_measure_save, 3, str(tmp_path), timeout=240)
+    results = run_world(_measure_save, 3, str(tmp_path), timeout=600)
     full = sum(p.numel() * 4 for p in Big().parameters())
     got = read_dir(tmp_path / "ckpt")
     for k, v in results[0][3].items():
@@ -429,7 +429,7 @@ def test_train_fsdp_saves_with_save_dir_and_the_result_loads_with_from_pretraine
     proc = subprocess.run(
         [venv_tool("torchrun"), "--standalone", "--nproc_per_node", "2", str(train), str(ckpt), "--device", "cpu",
          "--steps", "0", "--bucket-mb", "0.05", "--save", str(tmp_path / "out"), "--max-shard-size", "100KB"],
-        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "distload save:" in proc.stdout
     files = read_dir(tmp_path / "out")
@@ -495,7 +495,7 @@ def test_save_cli_reshards_a_checkpoint_under_torchrun(llama, tmp_path):
     proc = subprocess.run(
         [venv_tool("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "distload.save", str(ckpt),
          str(tmp_path / "out"), "--max-shard-size", "300KB", "--bucket-mb", "0.05"],
-        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+        env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RuntimeWarning" not in proc.stderr
     assert len(list((tmp_path / "out").glob("*.safetensors"))) < len(list(ckpt.glob("*.safetensors")))
