@@ -250,9 +250,9 @@ def main() -> None:
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": summary, "machine": machine,
+        args.out.with_name(args.out.name + ".json").write_text(json.dumps({"rows": rows, "summary": summary, "machine": machine,
                                                              "world": args.world, "ckpt_bytes": ckpt_bytes}, indent=1))
-        args.out.with_suffix(".md").write_text(md)
+        args.out.with_name(args.out.name + ".md").write_text(md)
     shutil.rmtree(work, ignore_errors=True)
 
 
