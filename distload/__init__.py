@@ -17,16 +17,20 @@ from .index import resolve_checkpoint
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .place import empty_init
 from .report import LoadReport
+from .saver import save_checkpoint
+from .save_report import SaveReport
 
 __all__ = [
     "DistLoadError",
     "LoadReport",
+    "SaveReport",
     "empty_init",
     "init_distributed",
     "load_checkpoint",
     "load_state_dict",
     "plan_checkpoint",
     "resolve_checkpoint",
+    "save_checkpoint",
 ]
 
 try:

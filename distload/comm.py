@@ -75,6 +75,16 @@ class Comm(ABC):
     def failed_ranks(self, failed: bool) -> list[int]:
         """(all ranks) The ranks that passed ``failed=True``. One tiny collective."""
 
+    @abstractmethod
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """(the ranks named) Point-to-point: send each ``(buf, dst)``, fill each ``(buf, src)``; return when all are done.
+
+        Not a collective: only the ranks that appear as a peer take part, each
+        posting the mirror of what its peers post, in the same order per pair.
+        Buffers are contiguous, on ``device``. Used by the save, where a file's
+        writer receives exactly the piece each rank holds.
+        """
+
     def agree(self, phase: str, error: BaseException | None) -> None:
         """(all ranks) Raise the same :class:`DistLoadError` everywhere if any rank failed.
 
@@ -159,6 +169,9 @@ class LocalComm(Comm):
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
 
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        assert not sends and not recvs, "a single process has no peers"
+
 
 # Sub-groups made for scatters over a tensor's own mesh, by (default group, global ranks).
 _SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
@@ -237,6 +250,14 @@ class TorchComm(Comm):
             group = self._dist.new_group(list(members))
             _SUBGROUPS[key] = group
         return TorchComm(group, self.device) if self.rank in ranks else None
+
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        dist = self._dist
+        ops = [dist.P2POp(dist.isend, buf, self._global[dst], self.group) for buf, dst in sends if buf.numel()]
+        ops += [dist.P2POp(dist.irecv, buf, self._global[src], self.group) for buf, src in recvs if buf.numel()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def failed_ranks(self, failed: bool) -> list[int]:
         self._status.zero_()

@@ -44,6 +44,7 @@ from .errors import DistLoadError
 
 # MPI counts are C ints; stay well below 2**31 per call.
 _MAX_BYTES = 1 << 30
+_P2P_TAG = 7341  # point-to-point messages of a save; per-pair order keeps them matched
 
 
 def _mpi():
@@ -205,6 +206,18 @@ class MpiComm(Comm):
         else:
             request = self._comm.Iscatter(None, recv, root=src)
         self._wait(request, "scatter", buf, send)
+
+    def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), waited with the deadline."""
+        requests = []
+        for items, post in ((sends, self._comm.Isend), (recvs, self._comm.Irecv)):
+            for buf, peer in items:
+                view = host_bytes(buf)
+                for off in range(0, len(view), _MAX_BYTES):
+                    part = view[off : off + _MAX_BYTES]
+                    requests.append(post([part, len(part), self._MPI.BYTE], peer, tag=_P2P_TAG))
+        for request in requests:
+            self._wait(request, "point-to-point transfer")
 
     def failed_ranks(self, failed: bool) -> list[int]:
         status = torch.zeros(self.world_size, dtype=torch.int32)

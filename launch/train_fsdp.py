@@ -5,6 +5,7 @@ Each rank receives only its own shards (distload loads DTensors directly), so
 no rank ever holds the whole model. Start it like any torch.distributed script:
 
     torchrun --standalone --nproc_per_node 8 launch/train_fsdp.py /ckpt/llama --device cuda
+    torchrun --standalone --nproc_per_node 8 launch/train_fsdp.py /ckpt/llama --save /ckpt/llama-tuned
     srun python launch/train_fsdp.py /ckpt/llama --device cpu        # one task per rank
     mpiexec -n 4 python launch/train_fsdp.py /ckpt/llama --device cpu
 
@@ -36,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-policy", default="auto", choices=("auto", "scatter", "slice"),
                    help="how distload reads the shards (see distload.load_checkpoint)")
     p.add_argument("--bucket-mb", type=float, default=64, help="distload transfer size in MiB")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help="after training, save a Hugging Face checkpoint here with distload.save_checkpoint")
+    p.add_argument("--max-shard-size", default="5GB", help="largest saved file (default 5GB)")
+    p.add_argument("--save-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="dtype of saved floats; auto keeps the fp32 master weights")
     return p.parse_args(argv)
 
 
@@ -92,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             mean /= world  # gloo has no AVG
         if rank == 0:
             print(f"step {step}: loss {mean.item():.4f} ({time.perf_counter() - t0:.2f} s)", flush=True)
+    if args.save:
+        # Every rank writes its share of the files; each sends only its own shards.
+        save_dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.save_dtype]
+        saved = distload.save_checkpoint(model, args.save, max_shard_size=args.max_shard_size, dtype=save_dtype,
+                                         bucket_mb=args.bucket_mb)
+        if rank == 0:
+            print(saved.summary(), flush=True)
     dist.destroy_process_group()
     return 0
 

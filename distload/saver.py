@@ -1,0 +1,456 @@
+"""The save driver: plan -> open -> transfer -> write -> commit, the only place that sequences a save.
+
+(all ranks) :func:`save_checkpoint` writes a Hugging Face-format sharded
+safetensors checkpoint from a replicated, FSDP2, tensor-parallel or 2-D mesh
+model. Files are spread over ranks (balanced by bytes, nodes first); a
+DTensor's pieces travel point to point to the writer of their file, each
+rank sending exactly the elements it holds; plain tensors are written by the
+writer from its own memory. See :mod:`distload.writer` for how the result
+appears atomically.
+
+The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info
+from .comm import Comm, describe, format_traceback
+from .dtensor import is_dtensor, shardings
+from .errors import DistLoadError, add_context
+from .dtypes import TORCH_DTYPES
+from .report import peak_rss_bytes
+from .save_keys import output_tensors, signature, state_tensors
+from .save_plan import INDEX_NAME, Chunk, SavePlan, build_plan, contributions, local_box, parse_size
+from .save_report import SaveReport
+from .writer import OutFile, StagingPool, WriteQueue, commit, remove_stage, stage_dir, write_all, write_small
+
+DEFAULT_BUCKET_MB = 64
+SILENT_WAIT_S = 3.0
+_SAVE_SEQ = itertools.count()
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    process_group=None,
+    comm: str = "torch",
+) -> SaveReport:
+    """(all ranks) Write ``model`` as a sharded safetensors checkpoint in directory ``path``.
+
+    Call it on every rank. The result is what ``save_pretrained`` writes for
+    a transformers model (same keys, MoE experts per expert, tied weights
+    once, ``config.json`` and ``generation_config.json``), always as
+    ``model-0000K-of-0000N.safetensors`` plus ``model.safetensors.index.json``,
+    and it loads with ``from_pretrained``, ``safetensors`` and
+    :func:`distload.load_checkpoint`.
+
+    Args:
+        model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
+            every non-meta tensor of its state dict is written (non-persistent buffers are not).
+        path: the checkpoint directory. An existing checkpoint there is replaced only once the
+            new one is complete; its other files (a tokenizer, a README) are kept.
+        max_shard_size: the largest file, as bytes or ``"5GB"`` / ``"500MiB"``
+            (a single larger tensor gets a file of its own, as in transformers).
+        dtype: cast floating-point tensors to this dtype as they are written.
+        bucket_mb: the size of each transfer and of each of the (two) staging buffers a writer holds.
+        timeout_s: collective timeout when distload creates the process group.
+        process_group: the group to save over (default: the default group, created from the
+            launcher's environment if missing). ``comm="mpi"``: an mpi4py communicator.
+        comm: ``"torch"`` (torch.distributed) or ``"mpi"`` (mpi4py) transport.
+
+    Any failure on any rank raises the same :class:`DistLoadError` on every rank,
+    and leaves no index and no temporary file.
+
+    Example::
+
+        report = distload.save_checkpoint(model, "/ckpt/step-1000", max_shard_size="5GB")
+        if report.rank == 0:
+            print(report.summary())
+    """
+    device = _model_device(model)
+    transport = make_comm(device, process_group, timeout_s, comm)
+    if not bucket_mb > 0:
+        raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
+    return _Save(transport, model, Path(path), parse_size(max_shard_size), dtype,
+                 int(bucket_mb * (1 << 20))).run()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for v in model.state_dict(keep_vars=True).values():
+        local = v._local_tensor if is_dtensor(v) else v
+        if not local.is_meta:
+            return local.device
+    return torch.device("cpu")
+
+
+def _torch_dtype(st: str) -> torch.dtype:
+    return TORCH_DTYPES[st]
+
+
+def _slices(box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def _shape(box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _contiguous_within(sub, box) -> int | None:
+    """Element offset of ``sub`` inside ``box`` when ``sub`` is one contiguous run of ``box``'s
+    row-major order, else None."""
+    lens, full = _shape(sub), _shape(box)
+    d = next((j for j, n in enumerate(lens) if n != 1), len(lens))
+    if any(lens[j] != full[j] for j in range(d + 1, len(lens))):
+        return None
+    flat = 0
+    for (a, _), (pa, _), n in zip(sub, box, full):
+        flat = flat * n + (a - pa)
+    return flat
+
+
+class _Save:
+    """One save on one rank. ``run`` is collective."""
+
+    def __init__(self, comm: Comm, model: nn.Module, target: Path, max_shard_size: int,
+                 dtype: torch.dtype | None, bucket_bytes: int):
+        self.comm, self.model, self.target = comm, model, target
+        self.max_shard_size, self.dtype, self.bucket_bytes = max_shard_size, dtype, bucket_bytes
+        self.phase = "start"
+        self.seq = next(_SAVE_SEQ)
+        self.error: BaseException | None = None  # a local failure, agreed on at the next check
+        self.sent = self.received = self.gathered = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.stage: Path | None = None  # rank 0: the staging directory it created
+
+    def run(self) -> SaveReport:
+        t0 = time.perf_counter()
+        plan: SavePlan | None = None
+        files: dict[int, OutFile] = {}
+        queue: WriteQueue | None = None
+        ok = False
+        try:
+            plan = self.make_plan()
+            self.phase = "open"
+            err = None
+            try:
+                queue = WriteQueue()
+                for i in plan.files_of(self.comm.rank):
+                    spec = plan.files[i]
+                    files[i] = OutFile(Path(plan.stage), spec.name, spec.size)
+                    write_all(files[i].fd, memoryview(spec.header), 0)
+            except Exception as e:
+                err = add_context(e, f"creating this rank's files in {plan.stage}")
+            self.comm.agree("open", err)
+            self.phase = "transfer"
+            self.transfer(plan, files, queue)
+            self.phase = "write"
+            err = queue.close() or self.error
+            written = queue.bytes_written + sum(len(plan.files[i].header) for i in files)
+            queue = None
+            if err is None:
+                try:
+                    for f in files.values():
+                        f.finish()
+                except Exception as e:
+                    err = add_context(e, "fsync and rename")
+            self.comm.agree("write", err)
+            self.phase = "commit"
+            err = None
+            if self.comm.rank == 0:
+                try:
+                    self.commit(plan)
+                except Exception as e:
+                    err = add_context(e, f"committing {self.target}")
+            self.comm.agree("commit", err)
+            ok = True
+            return self.report(plan, files, written, time.perf_counter() - t0)
+        except DistLoadError:
+            raise
+        except Exception as e:  # a collective broke: a peer died, timed out or diverged
+            raise self._broken(e) from e
+        finally:
+            if not ok:
+                self._cleanup(plan, files, queue)
+
+    # ---- plan ----------------------------------------------------------------
+
+    def make_plan(self) -> SavePlan:
+        """(all ranks) Check every rank holds the same model; rank 0 plans and stages; all receive the plan."""
+        self.phase = "plan"
+        local: Exception | None = None
+        try:
+            self.tensors = state_tensors(self.model)
+            digest = hashlib.sha256(repr(signature(self.tensors)).encode()).hexdigest()
+            mine = (rank_info(self.comm.rank), digest, None)
+        except Exception as e:
+            local, mine = e, (None, None, (describe(e), format_traceback(e)))
+        gathered = self.comm.all_gather_object(mine)
+        bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
+        if bad:
+            raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
+                                              {r: m[1] for r, m in bad.items()}) from local
+        digests = [g[1] for g in gathered]
+        if len(set(digests)) > 1:
+            odd = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise DistLoadError.from_failures("plan", {r: "its model's state dict (names, shapes, dtypes or "
+                                                          "sharding) differs from rank 0's" for r in odd})
+        plan, err = None, None
+        if self.comm.rank == 0:
+            stage = None
+            try:
+                outs = output_tensors(self.model, self.tensors, self.dtype)
+                used = {o.source for o in outs}
+                sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
+                shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                stage = stage_dir(self.target.absolute(), secrets.token_hex(6))
+                os.mkdir(stage)
+                self.stage = stage
+                plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
+                                  bucket_bytes=self.bucket_bytes, stage=str(stage))
+            except Exception as e:
+                err = e
+        self.comm.agree("plan", err)
+        return self.comm.broadcast_object(plan, 0)
+
+    # ---- transfer --------------------------------------------------------------
+
+    def _local(self, source: str) -> torch.Tensor:
+        v = self.tensors[source]
+        return (v._local_tensor if is_dtensor(v) else v).detach()
+
+    def transfer(self, plan: SavePlan, files: dict[int, OutFile], queue: WriteQueue) -> None:
+        """(all ranks) Walk the chunks: writers assemble and queue writes; holders of shards send theirs.
+
+        Each chunk with pieces of sharded tensors starts with a status
+        all-reduce, so a failure anywhere (a write error on the writer
+        thread included) stops every rank at the same chunk.
+        """
+        rank = self.comm.rank
+        cap = max((c.nbytes for c in plan.chunks), default=0)
+        pool = StagingPool(cap, 2)
+        scratch: torch.Tensor | None = None  # one chunk's worth of received or packed bytes
+
+        def scratch_of(n: int) -> torch.Tensor:
+            nonlocal scratch
+            if scratch is None:
+                scratch = torch.empty(cap, dtype=torch.uint8, device=self.comm.device)
+            return scratch[:n]
+
+        for chunk in plan.chunks:
+            if chunk.remote:
+                self.comm.agree("transfer", self.error or queue.error())
+                parts = contributions(plan, chunk)
+                if rank == chunk.writer:
+                    self._gather(plan, chunk, parts, files, queue, pool, scratch_of)
+                elif rank in parts:
+                    self._send(plan, chunk, parts[rank], scratch_of)
+            elif rank == chunk.writer:
+                self._write_local(plan, chunk, files, queue, pool)
+
+    def _piece_view(self, plan: SavePlan, chunk: Chunk, buf: torch.Tensor, k: int) -> torch.Tensor:
+        piece = chunk.pieces[k]
+        t = plan.tensors[piece.tensor]
+        n = math.prod(_shape(piece.box)) * _torch_dtype(t.dtype).itemsize
+        return buf[piece.offset: piece.offset + n].view(_torch_dtype(t.dtype)).view(_shape(piece.box))
+
+    def _region(self, plan: SavePlan, source: str):
+        layout = plan.layout(source)
+        return None if layout is None else layout.regions[self.comm.rank]
+
+    def _copy_part(self, plan: SavePlan, chunk: Chunk, k: int, sub, dst_piece: torch.Tensor) -> None:
+        """Copy this rank's elements ``sub`` (global coords) of piece ``k`` into its place in the piece."""
+        piece = chunk.pieces[k]
+        source = plan.tensors[piece.tensor].source
+        region = self._region(plan, source)
+        src_box = sub if region is None else local_box(region, sub)
+        rel = tuple((a - pa, b - pa) for (a, b), (pa, _) in zip(sub, piece.box))
+        dst_piece[_slices(rel)].copy_(self._local(source)[_slices(src_box)])
+
+    def _write_local(self, plan: SavePlan, chunk: Chunk, files, queue: WriteQueue, pool: StagingPool) -> None:
+        """(writer) A chunk of plain tensors: straight from the tensor's memory, or through staging to cast."""
+        try:
+            f = files[chunk.file]
+            if len(chunk.pieces) == 1:
+                piece = chunk.pieces[0]
+                t = plan.tensors[piece.tensor]
+                src = self._local(t.source)[_slices(piece.box)]
+                if src.device.type == "cpu" and src.dtype == _torch_dtype(t.dtype) and src.is_contiguous():
+                    queue.submit(f.fd, chunk.offset, _as_bytes(src), what=f.final.name)
+                    return
+            buf = pool.get()
+            try:
+                for k, piece in enumerate(chunk.pieces):
+                    self._copy_part(plan, chunk, k, piece.box, self._piece_view(plan, chunk, buf, k))
+            except BaseException:
+                pool.put(buf)
+                raise
+            queue.submit(f.fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf), f.final.name)
+        except Exception as e:
+            self.error = self.error or add_context(e, f"writing {plan.files[chunk.file].name}")
+
+    def _gather(self, plan: SavePlan, chunk: Chunk, parts, files, queue: WriteQueue, pool: StagingPool,
+                scratch_of) -> None:
+        """(writer) Assemble a chunk from its own parts and every other holder's message, queue the write."""
+        buf = pool.get()
+        cpu = self.comm.device.type == "cpu"
+        recvs, unpack = [], []
+        pos = 0
+        try:
+            for src, mine in sorted(parts.items()):
+                if src == self.comm.rank:
+                    for k, sub in mine:
+                        self._copy_part(plan, chunk, k, sub, self._piece_view(plan, chunk, buf, k))
+                    continue
+                sizes = [math.prod(_shape(sub)) * _torch_dtype(plan.tensors[chunk.pieces[k].tensor].dtype).itemsize
+                         for k, sub in mine]
+                if len(mine) == 1 and cpu:
+                    k, sub = mine[0]
+                    piece = chunk.pieces[k]
+                    flat = _contiguous_within(sub, piece.box)
+                    if flat is not None:
+                        start = piece.offset + flat * _torch_dtype(plan.tensors[piece.tensor].dtype).itemsize
+                        recvs.append((buf[start: start + sizes[0]], src))
+                        self.received += sizes[0]
+                        continue
+                seg = scratch_of(pos + sum(sizes))[pos:]
+                recvs.append((seg, src))
+                unpack.append((seg, mine, sizes))
+                pos += sum(sizes)
+                self.received += sum(sizes)
+        except Exception as e:
+            self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
+            # Still take every message, so the senders are not left waiting.
+            recvs = [(scratch_of(0).new_empty(n), s) for s, n in self._message_sizes(plan, chunk, parts)]
+            unpack = []
+        self.comm.exchange_([], recvs)
+        self.gathered += 1
+        try:
+            for seg, mine, sizes in unpack:
+                off = 0
+                for (k, sub), n in zip(mine, sizes):
+                    t = plan.tensors[chunk.pieces[k].tensor]
+                    data = seg[off: off + n].view(_torch_dtype(t.dtype)).view(_shape(sub))
+                    rel = tuple((a - pa, b - pa) for (a, b), (pa, _) in zip(sub, chunk.pieces[k].box))
+                    self._piece_view(plan, chunk, buf, k)[_slices(rel)].copy_(data)
+                    off += n
+            if self.error is None:
+                queue.submit(files[chunk.file].fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf),
+                             files[chunk.file].final.name)
+                return
+        except Exception as e:
+            self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
+        pool.put(buf)
+
+    def _message_sizes(self, plan: SavePlan, chunk: Chunk, parts) -> list[tuple[int, int]]:
+        return [(src, sum(math.prod(_shape(sub)) * _torch_dtype(plan.tensors[chunk.pieces[k].tensor].dtype).itemsize
+                          for k, sub in mine))
+                for src, mine in sorted(parts.items()) if src != self.comm.rank]
+
+    def _send(self, plan: SavePlan, chunk: Chunk, mine, scratch_of) -> None:
+        """(a holder) Send this rank's parts of a chunk to its writer as one message."""
+        n = sum(math.prod(_shape(sub)) * _torch_dtype(plan.tensors[chunk.pieces[k].tensor].dtype).itemsize
+                for k, sub in mine)
+        msg = None
+        try:
+            if len(mine) == 1:
+                k, sub = mine[0]
+                t = plan.tensors[chunk.pieces[k].tensor]
+                region = self._region(plan, t.source)
+                src = self._local(t.source)[_slices(sub if region is None else local_box(region, sub))]
+                if src.dtype == _torch_dtype(t.dtype) and src.is_contiguous() and src.device == self.comm.device:
+                    msg = _as_bytes(src)
+            if msg is None:
+                msg = scratch_of(n)
+                off = 0
+                for k, sub in mine:
+                    t = plan.tensors[chunk.pieces[k].tensor]
+                    region = self._region(plan, t.source)
+                    size = math.prod(_shape(sub)) * _torch_dtype(t.dtype).itemsize
+                    dst = msg[off: off + size].view(_torch_dtype(t.dtype)).view(_shape(sub))
+                    dst.copy_(self._local(t.source)[_slices(sub if region is None else local_box(region, sub))])
+                    off += size
+        except Exception as e:
+            self.error = self.error or add_context(e, f"packing shards for {plan.files[chunk.file].name}")
+            msg = scratch_of(n)  # the writer still expects n bytes
+        self.comm.exchange_([(msg, chunk.writer)], [])
+        self.sent += n
+
+    # ---- commit and report -------------------------------------------------------
+
+    def commit(self, plan: SavePlan) -> None:
+        """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in."""
+        stage = Path(plan.stage)
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            config = copy.deepcopy(config)
+            config.architectures = [type(self.model).__name__.removeprefix("FSDP")]
+            dtype = self.dtype or getattr(self.model, "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                config.dtype = str(dtype).split(".")[1]
+            write_small(stage / "config.json", config.to_json_string(use_diff=True).encode())
+            gen = getattr(self.model, "generation_config", None)
+            can_generate = getattr(self.model, "can_generate", lambda: False)
+            if gen is not None and can_generate():
+                write_small(stage / "generation_config.json", gen.to_json_string(use_diff=True).encode())
+        write_small(stage / INDEX_NAME, plan.index_json().encode())
+        commit(stage, self.target)
+
+    def report(self, plan: SavePlan, files: dict[int, OutFile], written: int, seconds: float) -> SaveReport:
+        info = rank_info(self.comm.rank)
+        report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host, node=info.node_key,
+                            path=str(self.target), files=sorted(plan.files[i].name for i in files),
+                            bytes_written=written, bytes_sent=self.sent, bytes_received=self.received,
+                            total_bytes=sum(f.size for f in plan.files), seconds=seconds,
+                            peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered)
+        gathered = self.comm.all_gather_object(report.to_dict())
+        for g in gathered:
+            g.pop("ranks", None)
+        report.ranks = gathered
+        return report
+
+    # ---- failure -------------------------------------------------------------------
+
+    def _cleanup(self, plan: SavePlan | None, files: dict[int, OutFile], queue: WriteQueue | None) -> None:
+        """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage."""
+        if queue is not None:
+            queue.close()
+        for f in files.values():
+            f.abort()
+        if self.stage is not None:  # rank 0, even when the plan never reached the others
+            remove_stage(self.stage)
+
+    def _broken(self, e: Exception) -> DistLoadError:
+        """(each surviving rank, alone) The error for a collective that broke instead of agreeing."""
+        text = describe(e)
+        failures = {self.comm.rank: text}
+        hint = " (did another rank die or time out?)"
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            silent = self.comm.silent_ranks(f"save.{restart}.{self.seq}", SILENT_WAIT_S)
+            if silent:
+                hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
+                failures.update({r: "did not respond" for r in silent})
+        return DistLoadError(f"distload save {self.phase} failed on rank {self.comm.rank}: {text}{hint}",
+                             phase=self.phase, failures=failures)
