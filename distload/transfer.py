@@ -70,17 +70,19 @@ def schedule(plan: LoadPlan) -> tuple[Step, ...]:
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
-             progress=None) -> tuple[int, int, int]:
+             progress=None, io_threads: int | None = None) -> tuple[int, int, int]:
     """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes)."""
-    t = Transfer(comm, plan, placement, fds, progress)
+    t = Transfer(comm, plan, placement, fds, progress, io_threads)
     return t.run(), t.collectives, t.buffer_bytes
 
 
 class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None):
+    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None,
+                 io_threads: int | None = None):
         self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
+        self.io_threads = io_threads
         self.steps = schedule(plan)
         self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
         self.buffer_bytes = 0
@@ -138,9 +140,9 @@ class Transfer:
 
         mine = [s for s in self.steps if s.item.owner == rank]
         self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                  read_target)
+                                  read_target, io_threads=self.io_threads)
         self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE], self.slice,
-                                  slice_target)
+                                  slice_target, io_threads=self.io_threads)
         error: BaseException | None = None
         try:
             for step in self.steps:
