@@ -247,7 +247,7 @@ class ChunkReader:
                 except BaseException as e:  # handed to the consumer, who reports it to all ranks
                     self._out.put(_Pending(chunk, None, False, 0, e))
                     return
-                parts = split_ranges(chunk.nbytes, self._threads_n)
+                parts = split_ranges(chunk.nbytes, self._threads_n, MIN_SPLIT_BYTES)
                 pending = _Pending(chunk, buf, pooled, len(parts))
                 self._out.put(pending)
                 for off, n in parts:
