@@ -59,11 +59,17 @@ class PinnedPool(BufferPool):
         super().__init__(count, nbytes, torch.device("cpu"), pin=True)
         self._copies: dict[int, torch.cuda.Event] = {}
         self._lock = threading.Lock()
+        self._nbytes_each, self._seen = nbytes, set()
+
+    @property
+    def made_bytes(self) -> int:
+        return len(self._seen) * self._nbytes_each
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """(reader thread) A free bucket; blocks until the last copy out of it completed."""
         buf = super().acquire(nbytes)
         with self._lock:
+            self._seen.add(buf.data_ptr())
             event = self._copies.pop(buf.data_ptr(), None)
         if event is not None:
             event.synchronize()
@@ -86,6 +92,10 @@ class _Ring:
         self._last: dict[int, torch.cuda.Event] = {}
         self._turn = 0
 
+    @property
+    def made_bytes(self) -> int:
+        return len(self._bufs) * self._nbytes
+
     def take(self, nbytes: int, stream: torch.cuda.Stream) -> torch.Tensor:
         if nbytes > self._nbytes:
             raise DistLoadError(f"a chunk of {nbytes} bytes does not fit a {self._nbytes}-byte device bucket")
@@ -106,13 +116,15 @@ class _Ring:
 class CopyStage:
     """(every rank, CUDA) Pinned staging, a copy stream and a comm stream for one load.
 
-    The loop holds at most one device bucket at a time (between ``upload`` or
-    ``landing`` and ``done``), so two device buckets keep a copy and a
-    collective in flight together.
+    Pinned buckets hold ``bucket_bytes`` (the largest read), device buckets
+    ``device_bytes`` (default the same; the largest chunk or segment that
+    lands off its destination). The loop holds at most one device bucket at a
+    time (between ``upload`` or ``landing`` and ``done``), so two device
+    buckets keep a copy and a collective in flight together.
     """
 
-    def __init__(self, device: torch.device, bucket_bytes: int, *, staging: int = STAGING_BUFFERS,
-                 device_buffers: int = DEVICE_BUFFERS):
+    def __init__(self, device: torch.device, bucket_bytes: int, device_bytes: int | None = None, *,
+                 staging: int = STAGING_BUFFERS, device_buffers: int = DEVICE_BUFFERS):
         device = torch.device(device)
         if device.type != "cuda":
             raise DistLoadError(f"CopyStage needs a CUDA device, not {device}")
@@ -124,11 +136,16 @@ class CopyStage:
         self.pinned = PinnedPool(staging, bucket_bytes)
         self.copy_stream = torch.cuda.Stream(device)
         self.comm_stream = torch.cuda.Stream(device)
-        self._ring = _Ring(device_buffers, bucket_bytes, device)
+        self._ring = _Ring(device_buffers, bucket_bytes if device_bytes is None else device_bytes, device)
         self._copied: torch.cuda.Event | None = None
         caller = torch.cuda.current_stream(device)
         self.copy_stream.wait_stream(caller)
         self.comm_stream.wait_stream(caller)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Pinned and device bytes this stage has allocated so far."""
+        return self.pinned.made_bytes + self._ring.made_bytes
 
     @property
     def read_ahead(self) -> int:

@@ -82,7 +82,7 @@ def nccl_world1():
 
 
 def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, staging: int, direct: bool,
-                   fail_at: int = 0) -> dict[str, torch.Tensor]:
+                   fail_at: int = 0, sizes: list | None = None) -> dict[str, torch.Tensor]:
     """Walk the schedule as the loop does: threads read into pinned staging, the copy stream
     uploads, the comm stream broadcasts (NCCL) and unpacks into device destinations."""
     from distload.stage import CopyStage
@@ -122,6 +122,8 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
         for fd in fds.values():
             os.close(fd)
     torch.cuda.synchronize(dev)
+    if sizes is not None:
+        sizes += [stage.allocated_bytes, plan.bucket_bytes]
     return dests
 
 
@@ -136,10 +138,13 @@ def test_stream_and_event_ordering_keeps_every_byte_over_many_small_chunks(ckpt,
 @pytest.mark.parametrize("staging", [1, 2])
 def test_staging_buffers_are_recycled_safely_with_more_threads_than_buffers(ckpt, nccl_world1, monkeypatch, staging):
     monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
-    got = _through_stage(ckpt, nccl_world1, bucket_mb=0.3, io_threads=8, staging=staging, direct=False)
+    sizes: list[int] = []
+    got = _through_stage(ckpt, nccl_world1, bucket_mb=0.3, io_threads=8, staging=staging, direct=False, sizes=sizes)
     for k, want in _reference(ckpt).items():
         assert torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
     assert _threads() == []
+    allocated, bucket = sizes
+    assert allocated <= (staging + 2) * bucket, "pinned and device buckets stay fixed, whatever io_threads is"
 
 
 def test_a_failure_mid_stream_closes_the_stage_and_leaves_no_thread(ckpt, nccl_world1):
