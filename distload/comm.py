@@ -187,11 +187,9 @@ class TorchComm(Comm):
         self.device = device
         # Group ranks -> global ranks, which is what the src= arguments take.
         self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)] if group is not None else list(range(self.world_size))
-        self._control = group
-        if device.type == "cuda":
-            self._control = control_group(group, self._global, timeout_s)
-        self._status = torch.zeros(self.world_size, dtype=torch.int32,
-                                   device=device if self._control is group else "cpu")
+        self._timeout_s = timeout_s
+        self._control: Any = None  # made at the first status exchange: groups that never agree need none
+        self._status: torch.Tensor | None = None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
@@ -253,6 +251,10 @@ class TorchComm(Comm):
         return TorchComm(group, self.device) if self.rank in ranks else None
 
     def failed_ranks(self, failed: bool) -> list[int]:
+        if self._status is None:
+            side = self.device.type == "cuda"
+            self._control = control_group(self.group, self._global, self._timeout_s) if side else self.group
+            self._status = torch.zeros(self.world_size, dtype=torch.int32, device="cpu" if side else self.device)
         self._status.zero_()
         if failed:
             self._status[self.rank] = 1
@@ -267,8 +269,10 @@ _CONTROL: list[tuple[Any, Any]] = []
 def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
     """(all ranks of ``group``) A gloo group of the same ranks for error agreement.
 
-    Created on first use (only ``group``'s ranks take part) and kept while
-    both groups live, so repeated loads pay for it once. Its timeout is the
+    Created on first use and kept while both groups live, so repeated loads
+    pay for it once. Over the whole world every rank takes part (a counted
+    group name); over a subgroup only its ranks do (torch then names the
+    group after its ranks). Its timeout is the
     data group's when the backend tells it, else ``timeout_s``.
     """
     import datetime
@@ -287,7 +291,8 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
     except Exception:
         pass
     kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
+    local = len(ranks) != dist.get_world_size()
+    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=local, **kw)
     _CONTROL.append((key, side))
     return side
 
