@@ -18,8 +18,8 @@ Nothing here waits on the GPU from the loop's thread, so reading chunk k+2
 Note on ordering and reuse:
     - A host-to-device copy runs on ``copy_stream`` and records an event. The
       pinned buffer goes back to the pool with that event, and the pool hands
-      it out again only after ``event.synchronize()``, which the reader thread
-      (never the loop) waits on: a staging buffer is never refilled while its
+      it out again only once the event has completed, which the reader thread
+      (never the loop) waits for: a staging buffer is never refilled while its
       copy may still read it.
     - ``collective()`` makes ``comm_stream`` wait for the latest copy's event
       and makes it current, so NCCL (which orders its own stream after the
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -60,19 +61,30 @@ class PinnedPool(BufferPool):
         self._copies: dict[int, torch.cuda.Event] = {}
         self._lock = threading.Lock()
         self._nbytes_each, self._seen = nbytes, set()
+        self._stopped = False
 
     @property
     def made_bytes(self) -> int:
         return len(self._seen) * self._nbytes_each
 
     def acquire(self, nbytes: int) -> torch.Tensor:
-        """(reader thread) A free bucket; blocks until the last copy out of it completed."""
+        """(reader thread) A free bucket; waits until the last copy out of it completed.
+
+        Polls rather than ``event.synchronize()``: a copy can wait on the GPU
+        for a collective that never finishes (a peer died), and ``close`` must
+        still free this thread.
+        """
         buf = super().acquire(nbytes)
         with self._lock:
             self._seen.add(buf.data_ptr())
             event = self._copies.pop(buf.data_ptr(), None)
-        if event is not None:
-            event.synchronize()
+        nap = 20e-6
+        while event is not None and not event.query():
+            if self._stopped:
+                super().release(buf)
+                raise DistLoadError("staging pool closed")
+            time.sleep(nap)
+            nap = min(2 * nap, 1e-3)
         return buf
 
     def release(self, buf: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
@@ -81,6 +93,10 @@ class PinnedPool(BufferPool):
             with self._lock:
                 self._copies[buf.data_ptr()] = after
         super().release(buf)
+
+    def close(self) -> None:
+        self._stopped = True
+        super().close()
 
 
 class _Ring:
