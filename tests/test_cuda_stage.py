@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import distload
 import distload.reader
 from distload.index import read_checkpoint
-from distload.place import byte_view, torch_dtype, write_piece
+from distload.place import Placement, byte_view, torch_dtype
 from distload.plan import RankInfo, build_plan
 from distload.reader import ChunkReader, open_verified
 
@@ -90,6 +90,7 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
     dev = torch.device("cuda", 0)
     plan = build_plan(read_checkpoint(path), [RankInfo(0, "h", 0)], bucket_mb=bucket_mb)
     dests = {k: torch.full(s, 0, dtype=torch_dtype(plan.dtypes[k]), device=dev) for k, s in plan.shapes.items()}
+    placement = Placement(dests, plan.dtypes)
     fds = {i: open_verified(plan, i) for i in range(len(plan.files))}
     stage = CopyStage(dev, plan.bucket_bytes, staging=staging)
     chunks = [c for c in plan.chunks if c.nbytes]
@@ -112,7 +113,8 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
                 dist.broadcast(buf, src=0)
                 if into is None:
                     for piece in chunk.pieces:
-                        write_piece(dests[piece.name], piece, buf, plan.dtypes[piece.name])
+                        placement.commit(piece.name, piece.tensor_offset,
+                                         buf[piece.chunk_offset: piece.chunk_offset + piece.nbytes])
             stage.done(buf)
             if fail_at and n + 1 == fail_at:
                 raise RuntimeError("injected consumer failure")

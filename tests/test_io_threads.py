@@ -179,9 +179,9 @@ class _CountingPool(BufferPool):
 @pytest.mark.parametrize("threads", [1, 8])
 def test_pool_buffers_in_use_do_not_grow_with_io_threads(odd, small_splits, monkeypatch, threads):
     # A cast puts every chunk through pool buffers: at most two, however many threads read.
-    import distload.loader
+    import distload.transfer
 
-    monkeypatch.setattr(distload.loader, "BufferPool", _CountingPool)
+    monkeypatch.setattr(distload.transfer, "BufferPool", _CountingPool)
     _CountingPool.held = _CountingPool.most = 0
     distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=threads, dtype=torch.float64)
     assert 1 <= _CountingPool.most <= 2
