@@ -29,11 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import netfs, probes
-from .loaders import loaders_for
+from .loaders import FLOORS, loaders_for
 from .make_checkpoint import PRESETS, make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_OWNED = ("dcp", "fastsafetensors")  # the peers that return owned memory (issue targets)
+# On one GPU: distload, its peers, the read floors into pinned memory and the pinned -> GPU floor.
+CUDA_LOADERS = ("distload", "transformers", "safetensors", "fastsafetensors", "read1", "read4", "read8", "h2d_copy")
+# At world 1 on CPU, load_state_dict beside the 1- and 2-thread read floors into fresh memory.
+WORLD1_EXTRAS = ("distload_sd", "read1", "read2")
+READ_FLOORS = ("read8", "read4", "read2", "read1")  # the most threads measured is the IO bound
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ def warm(files: list[Path]) -> None:
 
 
 def run_one(cfg: Config, loader: str, ckpt: Path, files: list[Path], out: Path, logs: Path, *,
-            checksum: bool, fs: netfs.NetFS | None, rpn: int, timeout_s: float, read_policy: str) -> dict:
+            checksum: bool, fs: netfs.NetFS | None, rpn: int, timeout_s: float, read_policy: str,
+            io_threads: int = 0) -> dict:
     """One torchrun job measuring one loader; returns rank 0's JSON plus what the harness saw."""
     if cfg.cache == "cold":
         probes.evict(files)
@@ -85,6 +91,8 @@ def run_one(cfg: Config, loader: str, ckpt: Path, files: list[Path], out: Path, 
         cmd += ["--netfs", str(fs.mnt), "--ranks-per-node", str(rpn)]
     if read_policy and loader == "distload":
         cmd += ["--read-policy", read_policy]
+    if io_threads:
+        cmd += ["--io-threads", str(io_threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                TOKENIZERS_PARALLELISM="false")
     served0 = fs.served() if fs is not None else 0
@@ -158,14 +166,20 @@ def summarize(runs: list[dict], ckpt_bytes: int, rate: float) -> list[dict]:
         by_cfg.setdefault((row["fs"], row["world"], row["mode"], row["cache"], row["device"]), {})[row["loader"]] = row
     for group in by_cfg.values():
         floor, dl = group.get("floor", {}).get("seconds"), group.get("distload", {}).get("seconds")
-        sums = {r["checksum"] for n, r in group.items() if n not in ("floor", "h2d_copy") and r.get("checksum")}
+        sums = {r["checksum"] for n, r in group.items() if n not in FLOORS and r.get("checksum")}
+        # The IO bound: the read floor with the most threads, or the pinned -> GPU copy if slower.
+        reads = [group[n]["seconds"] for n in READ_FLOORS if "seconds" in group.get(n, {})][:1]
+        bound = max(reads + ([group["h2d_copy"]["seconds"]] if "seconds" in group.get("h2d_copy", {}) else []),
+                    default=None)
         for name, row in group.items():
             if "seconds" in row:
                 row["x_floor"] = row["seconds"] / floor if floor else None
                 row["x_distload"] = row["seconds"] / dl if dl else None
-            if name not in ("floor", "h2d_copy") and row.get("checksum"):
+                row["x_bound"] = row["seconds"] / bound if bound else None
+            if name not in FLOORS and row.get("checksum"):
                 row["checksum_agrees"] = len(sums) == 1
-    order = ["distload", "floor", "dcp", "fastsafetensors", "transformers", "accelerate", "rank0_bcast", "h2d_copy"]
+    order = ["distload", "distload_sd", "floor", "dcp", "fastsafetensors", "transformers", "safetensors", "accelerate",
+             "rank0_bcast", "read1", "read2", "read4", "read8", "h2d_copy"]
     rows.sort(key=lambda r: (r["fs"], r["device"], r["world"], r["mode"], r["cache"],
                              order.index(r["loader"]) if r["loader"] in order else 99))
     return rows
@@ -178,16 +192,20 @@ def _fmt(x, spec: str, none: str = "–") -> str:
 LABELS = {"transformers": "transformers from_pretrained", "accelerate": "accelerate load_checkpoint_in_model",
           "dcp": "torch DCP + HF reader", "floor": "floor (read + raw broadcast/scatter)",
           "rank0_bcast": "rank 0 loads + broadcast + distribute_tensor", "h2d_copy": "pinned host→device copy",
-          "fastsafetensors": "fastsafetensors"}
+          "fastsafetensors": "fastsafetensors", "distload_sd": "distload load_state_dict",
+          "safetensors": "safetensors load_file", **{f"read{n}": f"read floor, {n} thread{'s' * (n > 1)}" for n in (1, 2, 4, 8)}}
 
 
 def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> str:
     """The README table."""
     fuse = any(r["fs"] == "fuse" for r in rows)
+    bound = any(r.get("x_bound") for r in rows)
     head = ["fs", "world", "mode", "cache", "loader", "memory", "seconds (min–max)", "GB/s", "× floor",
             "× distload", "CPU s (all ranks)", "peak anon growth / rank", "read() ×ckpt", "disk ×ckpt"]
     if fuse:
         head += ["storage pulled ×ckpt", "× storage limit"]
+    if bound:
+        head.append("× IO bound")
     head.append("checksum")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -208,6 +226,8 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
                  f"{r['peak_anon_growth'] / 1e9:.2f} GB", f"{r['rchar_x']:.2f}", f"{r['disk_x']:.2f}"]
         if fuse:
             cells += [_fmt(r.get("storage_x"), ".2f"), _fmt(r.get("limit_x"), ".2f")]
+        if bound:
+            cells.append(_fmt(r.get("x_bound"), ".2f"))
         agrees = r.get("checksum_agrees")
         cells.append("ok" if agrees else ("MISMATCH" if agrees is False else "–"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,6 +244,10 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
         "CPU s: user + system CPU seconds of the timed region, summed over ranks (not counting the FUSE server); "
         "where ranks outnumber cores this, not IO, bounds the seconds.",
     ]
+    if bound:
+        notes.append("× IO bound: seconds ÷ the read floor with the most threads measured (on CUDA into pinned "
+                     "memory, or the pinned → GPU copy when that is slower); on CPU the read floors read into "
+                     "fresh memory inside the timer.")
     if fuse:
         notes.append(f"Storage pulled: bytes the emulated network filesystem served, summed over its views; "
                      f"× storage limit: seconds ÷ (checkpoint bytes ÷ {rate / 1e6:.0f} MB/s).")
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--timeout", type=float, default=900, help="seconds per torchrun job")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurement even when CUDA is present")
+    p.add_argument("--gpu-only", action="store_true", help="only the CUDA measurement (world 1, one GPU)")
+    p.add_argument("--io-threads", type=int, default=0, help="distload's io_threads (default: its own)")
     args = p.parse_args(argv)
     # SIGTERM (a batch system's cancel) unwinds like Ctrl-C, so the emulated
     # filesystem is unmounted and the running job stopped on the way out.
@@ -319,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     only = set(_csv(args.loaders))
 
     configs: list[Config] = []
-    for fs, world, mode in itertools.product(_csv(args.fs), [int(w) for w in _csv(args.world)], _csv(args.mode)):
+    for fs, world, mode in [] if args.gpu_only else itertools.product(_csv(args.fs), [int(w) for w in _csv(args.world)], _csv(args.mode)):
         for cache in (["net"] if fs == "fuse" else _csv(args.cache)):
             configs.append(Config(fs, world, mode, cache))
     gpu_note = "skipped: CUDA is not available on this machine"
     import torch
 
+    if args.gpu_only and not torch.cuda.is_available():
+        print("--gpu-only: CUDA is not available here", file=sys.stderr)
+        return 2
     if torch.cuda.is_available() and not args.no_gpu:
         configs.append(Config("local", 1, "replicated", "hot", "cuda:0"))
         gpu_note = f"measured on {torch.cuda.get_device_name(0)}"
@@ -333,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[dict] = []
     for cfg in configs:
-        names = ["distload", "h2d_copy"] if cfg.device != "cpu" else loaders_for(cfg.mode)
+        names = list(CUDA_LOADERS) if cfg.device != "cpu" else loaders_for(cfg.mode)
+        if cfg.device == "cpu" and cfg.world == 1 and cfg.mode == "replicated":
+            names += [n for n in WORLD1_EXTRAS if n not in names]
         names = [n for n in names if not only or n in only]
         fixture = None
         if cfg.fs == "fuse":
@@ -351,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 k = rep % len(names)
                 for name in names[k:] + names[:k]:
                     row = run_one(cfg, name, ckpt, files, args.out, logs, checksum=rep == 0, fs=fs,
-                                  rpn=args.ranks_per_node, timeout_s=args.timeout, read_policy=args.read_policy)
+                                  rpn=args.ranks_per_node, timeout_s=args.timeout, read_policy=args.read_policy,
+                                  io_threads=args.io_threads)
                     row["round"] = rep
                     runs.append(row)
                     status = f"{row['seconds']:.2f} s" if not row.get("error") else f"FAILED: {row['error'][:120]}"
@@ -368,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                                             "files": len(files)},
          "argv": sys.argv[1:] if argv is None else argv, "gpu": gpu_note, "rate": rate,
          "summary": rows, "runs": runs}, indent=1, default=str))
-    plot(rows, machine, args.out / f"{stem}.png")
+    try:
+        plot(rows, machine, args.out / f"{stem}.png")
+    except ImportError as e:  # a bare GPU machine may lack matplotlib: the table and JSON are written
+        print(f"no plot: {e}", file=sys.stderr)
     print(table)
     print(f"wrote {args.out / (stem + '.md')}, .json and .png")
     bad = [r for r in rows if r.get("checksum_agrees") is False]

@@ -105,6 +105,7 @@ class Loader:
 
     name = ""
     modes: tuple[str, ...] = ("replicated", "fsdp")
+    extra = False  # run only when a config names it (world 1, CUDA, --loaders), not by default
 
     def prepare(self, ctx: Ctx) -> Any:
         """(untimed) Everything a user would have before calling the loader."""
@@ -128,6 +129,8 @@ class Distload(Loader):
         kw = {}
         if ctx.extra.get("read_policy"):
             kw["read_policy"] = ctx.extra["read_policy"]
+        if ctx.extra.get("io_threads"):
+            kw["io_threads"] = ctx.extra["io_threads"]
         report = distload.load_checkpoint(model, ctx.path, device=ctx.device, progress=False, **kw)
         ctx.extra["reported_bytes_read"] = report.bytes_read
         policy = getattr(report, "read_policy", None) or {}
@@ -144,7 +147,8 @@ class Transformers(Loader):
     def load(self, ctx: Ctx, state: Any) -> nn.Module:
         from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(ctx.path, dtype=torch.bfloat16)
+        kw = {"device_map": str(ctx.device)} if ctx.device.type == "cuda" else {}
+        model = LlamaForCausalLM.from_pretrained(ctx.path, dtype=torch.bfloat16, **kw)
         return shard(model, ctx) if ctx.mode == "fsdp" else model
 
 
@@ -195,7 +199,8 @@ class FastSafetensors(Loader):
         from fastsafetensors import SafeTensorsFileLoader
 
         files = [str(f) for f in ctx.files]
-        loader = SafeTensorsFileLoader(dist.group.WORLD, ctx.device.type, nogds=True, set_numa=False)
+        device = str(ctx.device) if ctx.device.type == "cuda" else "cpu"  # it wants "cuda:N", not "cuda"
+        loader = SafeTensorsFileLoader(dist.group.WORLD, device, nogds=True, set_numa=False)
         try:
             loader.add_filenames({r: files[r::ctx.world] for r in range(ctx.world)})
             fb = loader.copy_files_to_device()
@@ -401,9 +406,91 @@ class HostToDevice(Loader):
         return out
 
 
-LOADERS: dict[str, Loader] = {L.name: L() for L in (Distload, Transformers, Accelerate, DCP, FastSafetensors,
-                                                       Rank0Broadcast, Floor)}
+class DistloadStateDict(Loader):
+    """``distload.load_state_dict``: every tensor in a dict, no model (the read-floor comparison)."""
+
+    name = "distload_sd"
+    modes = ("replicated",)
+    extra = True
+
+    def load(self, ctx: Ctx, state: Any) -> dict[str, torch.Tensor]:
+        from distload.loader import load_state_dict_with_report
+
+        kw = {"io_threads": ctx.extra["io_threads"]} if ctx.extra.get("io_threads") else {}
+        sd, report = load_state_dict_with_report(ctx.path, device=ctx.device, progress=False, **kw)
+        ctx.extra["reported_bytes_read"] = report.bytes_read
+        return sd
+
+
+class SafetensorsLoadFile(Loader):
+    """``safetensors.torch.load_file(f, device=...)`` for every file, on every rank."""
+
+    name = "safetensors"
+    modes = ("replicated",)
+    extra = True
+
+    def load(self, ctx: Ctx, state: Any) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for f in ctx.files:
+            out.update(load_file(f, device=str(ctx.device)))
+        return out
+
+
+READ_PIECE = 8 << 20  # the read floors' request size
+
+
+class ReadFloor(Loader):
+    """The read floor: this rank's files (distload's balancing) read with ``threads`` threads.
+
+    On CPU into fresh memory allocated inside the timer, so first-touch page
+    faults count as they do for every owned-memory loader; on CUDA into pinned
+    host memory allocated untimed (what a loader's reusable staging costs).
+    """
+
+    modes = ("replicated",)
+    extra = True
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.name = f"read{threads}"
+
+    def _mine(self, ctx: Ctx) -> list[Path]:
+        files = ctx.files
+        owners = owners_of([f.stat().st_size for f in files], ctx.world)
+        return [f for f, o in zip(files, owners) if o == ctx.rank]
+
+    def prepare(self, ctx: Ctx) -> dict[str, torch.Tensor] | None:
+        if ctx.device.type != "cuda":
+            return None
+        return {f.name: torch.empty(f.stat().st_size, dtype=torch.uint8, pin_memory=True) for f in self._mine(ctx)}
+
+    def load(self, ctx: Ctx, pinned: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        mine = self._mine(ctx)
+        dest = pinned if pinned is not None else {
+            f.name: torch.empty(f.stat().st_size, dtype=torch.uint8) for f in mine}
+        fds = {f.name: os.open(f, os.O_RDONLY) for f in mine}
+        try:
+            jobs = [(fds[f.name], dest[f.name][off: off + READ_PIECE], off)
+                    for f in mine for off in range(0, dest[f.name].numel(), READ_PIECE)]
+            with ThreadPoolExecutor(self.threads) as pool:
+                for _ in pool.map(lambda j: _read_into(*j), jobs):
+                    pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return dest
+
+
+LOADERS: dict[str, Loader] = {L.name: L for L in (
+    Distload(), Transformers(), Accelerate(), DCP(), FastSafetensors(), Rank0Broadcast(), Floor(),
+    DistloadStateDict(), SafetensorsLoadFile(), *(ReadFloor(n) for n in (1, 2, 4, 8)))}
+FLOORS = ("floor", "h2d_copy", "read1", "read2", "read4", "read8")  # references, not loaders
 
 
 def loaders_for(mode: str) -> list[str]:
-    return [n for n, L in LOADERS.items() if mode in L.modes]
+    """The loaders every run of ``mode`` measures (extras run when a config names them)."""
+    return [n for n, L in LOADERS.items() if mode in L.modes and not L.extra]

@@ -40,6 +40,8 @@ def measure(args: argparse.Namespace) -> dict:
     ctx = Ctx(rank, world, args.mode, _view(args, rank), device, Path(args.ckpt))
     if args.read_policy:
         ctx.extra["read_policy"] = args.read_policy
+    if args.io_threads:
+        ctx.extra["io_threads"] = args.io_threads
     if args.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--read-policy", default="", help="distload read_policy in fsdp mode")
     p.add_argument("--checksum", action="store_true", help="CRC every local tensor after the timer")
+    p.add_argument("--io-threads", type=int, default=0, help="distload's io_threads (default: its own)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     if args.loader == HostToDevice.name:

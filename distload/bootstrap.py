@@ -330,4 +330,4 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
         raise DistLoadError(f"device {device} needs an NCCL process group, but the group uses {backend}")
     # gloo moves host memory; an NCCL group moves device memory.
     comm_device = device if device.type == "cuda" else torch.device("cpu")
-    return TorchComm(group, comm_device)
+    return TorchComm(group, comm_device, timeout_s)

@@ -178,9 +178,19 @@ _SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
 
 
 class TorchComm(Comm):
-    """torch.distributed over one process group."""
+    """torch.distributed over one process group.
 
-    def __init__(self, group: Any, device: torch.device):
+    Note on error agreement without device syncs:
+        The per-chunk status all-reduce must not stall the GPU pipeline. On an
+        NCCL group a status tensor lives on the device, and reading it back
+        (``.tolist()``) waits for every queued copy and broadcast: a host sync
+        per chunk. So when the data group is NCCL, the status travels over a
+        gloo side group of the same ranks (as torch DCP does for its control
+        messages), created once per data group with the same timeout: a host
+        round trip per chunk, no device sync, and a hung peer still times out.
+    """
+
+    def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None):
         import torch.distributed as dist
 
         self._dist = dist
@@ -190,7 +200,9 @@ class TorchComm(Comm):
         self.device = device
         # Group ranks -> global ranks, which is what the src= arguments take.
         self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)] if group is not None else list(range(self.world_size))
-        self._status = torch.zeros(self.world_size, dtype=torch.int32, device=device)
+        self._timeout_s = timeout_s
+        self._control: Any = None  # made at the first status exchange: groups that never agree need none
+        self._status: torch.Tensor | None = None
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
@@ -260,11 +272,50 @@ class TorchComm(Comm):
                 work.wait()
 
     def failed_ranks(self, failed: bool) -> list[int]:
+        if self._status is None:
+            side = self.device.type == "cuda"
+            self._control = control_group(self.group, self._global, self._timeout_s) if side else self.group
+            self._status = torch.zeros(self.world_size, dtype=torch.int32, device="cpu" if side else self.device)
         self._status.zero_()
         if failed:
             self._status[self.rank] = 1
-        self._dist.all_reduce(self._status, op=self._dist.ReduceOp.MAX, group=self.group)
+        self._dist.all_reduce(self._status, op=self._dist.ReduceOp.MAX, group=self._control)
         return [r for r, v in enumerate(self._status.tolist()) if v]
+
+
+# data group -> its gloo side group, reused by every load over that group
+_CONTROL: list[tuple[Any, Any]] = []
+
+
+def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
+    """(all ranks of ``group``) A gloo group of the same ranks for error agreement.
+
+    Created on first use and kept while both groups live, so repeated loads
+    pay for it once. Over the whole world every rank takes part (a counted
+    group name); over a subgroup only its ranks do (torch then names the
+    group after its ranks). Its timeout is the
+    data group's when the backend tells it, else ``timeout_s``.
+    """
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    key = group if group is not None else c10d._get_default_group()
+    live = c10d._world.pg_map
+    _CONTROL[:] = [(g, c) for g, c in _CONTROL if g in live and c in live]
+    for g, c in _CONTROL:
+        if g is key:
+            return c
+    try:  # the data group's own timeout, so a hung peer is named as soon as NCCL would give up
+        timeout_s = key._get_backend(torch.device("cuda")).options._timeout.total_seconds()
+    except Exception:
+        pass
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    local = len(ranks) != dist.get_world_size()
+    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=local, **kw)
+    _CONTROL.append((key, side))
+    return side
 
 
 def format_traceback(exc: BaseException) -> str:

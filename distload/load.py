@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl; this rank's GPU from LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", help="auto (config's dtype, else as stored), bf16, fp16 or fp32")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket and transfer size in MiB")
+    p.add_argument("--io-threads", type=int, default=None,
+                   help="threads each file owner reads with (default one per core, at most 8)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail on missing or unexpected keys (default) or only report them")
     p.add_argument("--comm", default="torch", choices=COMMS,
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
             hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
         common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
-                      timeout_s=args.timeout_s, progress=args.progress, comm=args.comm)
+                      timeout_s=args.timeout_s, progress=args.progress, comm=args.comm, io_threads=args.io_threads)
         if model is None:
             _, report = load_state_dict_with_report(args.path, **common)
         else:

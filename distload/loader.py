@@ -42,7 +42,7 @@ from .place import (
     tied_duplicates,
 )
 from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
-from .reader import open_verified
+from .reader import check_io_threads, default_io_threads, open_verified
 from .report import LoadReport, peak_rss_bytes
 from .shard_plan import READ_POLICIES, build_shard_plan
 from .storage import is_local_storage
@@ -76,6 +76,7 @@ def load_checkpoint(
     progress: bool | None = None,
     comm: str = "torch",
     read_policy: str = "auto",
+    io_threads: int | None = None,
 ) -> LoadReport:
     """(all ranks) Fill ``model`` from a safetensors checkpoint, reading each file once per job.
 
@@ -110,6 +111,7 @@ def load_checkpoint(
             of at least 1 MiB on local disks, scatter on network or FUSE
             filesystems). Each byte is read once in every policy; the report's
             ``read_policy`` says what each tensor got.
+        io_threads: threads each file owner reads with (default one per core, at most 8).
 
     Example::
 
@@ -122,7 +124,7 @@ def load_checkpoint(
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
     return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype,
-                 read_policy=read_policy).run()
+                 read_policy=read_policy, io_threads=io_threads).run()
 
 
 def load_state_dict(
@@ -135,6 +137,7 @@ def load_state_dict(
     process_group=None,
     progress: bool | None = None,
     comm: str = "torch",
+    io_threads: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """(all ranks) Every tensor of the checkpoint, on every rank, as a dict.
 
@@ -144,15 +147,16 @@ def load_state_dict(
     """
     return load_state_dict_with_report(path, device=device, dtype=dtype, bucket_mb=bucket_mb,
                                        timeout_s=timeout_s, process_group=process_group, progress=progress,
-                                       comm=comm)[0]
+                                       comm=comm, io_threads=io_threads)[0]
 
 
 def load_state_dict_with_report(path, *, device=None, dtype=None, bucket_mb=DEFAULT_BUCKET_MB,
-                                timeout_s=DEFAULT_TIMEOUT_S, process_group=None, progress=None, comm="torch"):
+                                timeout_s=DEFAULT_TIMEOUT_S, process_group=None, progress=None, comm="torch",
+                                io_threads=None):
     """(all ranks) :func:`load_state_dict`, plus this rank's :class:`LoadReport`."""
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    job = _Load(transport, dev, path, True, bucket_mb, progress, model=None, dtype=dtype)
+    job = _Load(transport, dev, path, True, bucket_mb, progress, model=None, dtype=dtype, io_threads=io_threads)
     report = job.run()
     return job.state_dict, report
 
@@ -194,8 +198,9 @@ class _Load:
 
     def __init__(self, comm: Comm, device: torch.device, path, strict: bool, bucket_mb: float,
                  progress: bool | None, *, model: nn.Module | None, dtype: torch.dtype | None,
-                 read_policy: str = "auto"):
+                 read_policy: str = "auto", io_threads: int | None = None):
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
+        self.io_threads = check_io_threads(default_io_threads() if io_threads is None else io_threads)
         self.read_policy = read_policy
         self.local_bytes = 0
         self.buffer_bytes = 0
@@ -236,7 +241,8 @@ class _Load:
             bar = _progress_bar(plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0)) \
                 if self.progress else None
             try:
-                bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar)
+                bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar,
+                                                                 io_threads=self.io_threads)
             finally:
                 if bar is not None:
                     bar.close()

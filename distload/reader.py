@@ -1,9 +1,10 @@
-"""Per-rank file IO: large explicit reads into reusable (pinned) host buffers.
+"""Per-rank file IO: large explicit reads, by several threads, into reusable (pinned) host buffers.
 
 (owner ranks) A :class:`ChunkReader` reads this rank's chunks, in schedule
-order, on a background thread, so the read of the next chunk overlaps the
-collective that sends the current one. Reads are ``preadv`` calls of a whole
-chunk, never mmap page faults, which are slow on network filesystems.
+order, ahead of the consumer, so reading the next chunks overlaps the
+collective that sends the current one. Each chunk is cut into a few large
+sub-ranges that ``io_threads`` threads ``preadv`` concurrently, never mmap
+page faults, which are slow on network filesystems.
 """
 
 from __future__ import annotations
@@ -20,6 +21,42 @@ from .errors import DistLoadError
 from .errors import add_context
 from .index import header_from_fd, open_checked
 from .plan import Chunk, LoadPlan
+
+
+# A sub-range read is never smaller than this: large requests suit network
+# filesystems, and below it a thread costs more than it saves.
+MIN_SPLIT_BYTES = 1 << 20
+# Chunks queued to the IO threads ahead of the consumer. Direct chunks land in
+# their own tensors and pooled ones are bounded by the pool, so this bounds
+# work queued ahead, not memory.
+READ_AHEAD = 4
+
+
+def default_io_threads() -> int:
+    """Read threads per owner when ``io_threads`` is not given: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def check_io_threads(n) -> int:
+    """``n`` if it is a usable thread count, else a :class:`DistLoadError`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DistLoadError(f"io_threads must be a positive integer, not {n!r}")
+    return n
+
+
+def split_ranges(nbytes: int, threads: int, min_bytes: int = MIN_SPLIT_BYTES) -> list[tuple[int, int]]:
+    """``(offset, length)`` sub-ranges that cover ``[0, nbytes)`` exactly once.
+
+    At most ``threads`` of them, each at least ``min_bytes`` (one range when
+    the chunk is smaller), cut at 64 KiB multiples so threads do not share
+    pages of the destination.
+    """
+    if nbytes <= 0:
+        return []
+    parts = max(1, min(threads, nbytes // max(1, min_bytes)))
+    step = -(-nbytes // parts)
+    step = -(-step // (64 << 10)) * (64 << 10)
+    return [(off, min(step, nbytes - off)) for off in range(0, nbytes, step)]
 
 
 class BufferPool:
@@ -105,14 +142,54 @@ def read_exact(fd: int, buf: torch.Tensor, offset: int, name: str) -> None:
         done += n
 
 
+class _Pending:
+    """One chunk in flight: its buffer and the sub-range reads still outstanding."""
+
+    __slots__ = ("chunk", "buf", "pooled", "error", "_left", "_lock", "done")
+
+    def __init__(self, chunk: Chunk, buf: torch.Tensor | None, pooled: bool, parts: int,
+                 error: BaseException | None = None):
+        self.chunk, self.buf, self.pooled, self.error = chunk, buf, pooled, error
+        self._left = parts
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        if parts == 0:
+            self.done.set()
+
+    def finish(self, error: BaseException | None) -> None:
+        """(IO threads) One sub-range read ended; the first error wins."""
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.done.set()
+
+
 class ChunkReader:
-    """(owner ranks) Reads this rank's chunks ahead of the sender, in order.
+    """(owner ranks) Reads this rank's chunks ahead of the sender, with ``io_threads`` threads.
 
     ``target_for(chunk)`` may return a host tensor to read straight into (the
     destination's own memory, when nothing needs converting); otherwise the
-    chunk goes into a pool buffer, which the consumer must ``release``. At most
-    one pooled chunk is held ahead of the consumer, so a pool of two buffers
-    shared with receiving can never deadlock.
+    chunk goes into a pool buffer, which the consumer must ``release``.
+    ``next()`` hands chunks back in schedule order: ``(chunk, buf, pooled, error)``.
+
+    Note on threads and memory:
+        One scheduling thread walks the chunks in order, takes each one's
+        buffer and cuts it into at most ``io_threads`` sub-ranges of at least
+        ``MIN_SPLIT_BYTES`` (:func:`split_ranges`); ``io_threads`` IO threads
+        ``preadv`` those sub-ranges concurrently into the one buffer (the
+        syscall releases the GIL, and first-touch page faults on fresh
+        destination memory then run in parallel too). No thread has a buffer
+        of its own, so memory does not grow with ``io_threads``: the reader
+        holds at most ``ahead`` pool buffers that the consumer has not taken
+        (default one, so a pool of two shared with receiving can never
+        deadlock), and at most ``READ_AHEAD`` chunks are in flight. A failed
+        sub-range fails its chunk, which reaches the consumer (and so error
+        agreement) in schedule order; later chunks are not started.
+        ``close`` stops and joins every thread it started, on success or
+        failure.
     """
 
     def __init__(
@@ -122,48 +199,109 @@ class ChunkReader:
         chunks: list[Chunk],
         pool: BufferPool,
         target_for: Callable[[Chunk], torch.Tensor | None],
+        *,
+        io_threads: int | None = None,
+        ahead: int = 1,
     ):
         self._plan, self._fds, self._pool, self._target_for = plan, fds, pool, target_for
+        self._threads_n = check_io_threads(default_io_threads() if io_threads is None else io_threads)
         self._todo = chunks
-        self._out: queue.Queue = queue.Queue()
-        self._ahead = threading.Semaphore(1)
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._ahead = threading.Semaphore(ahead)
+        self._window = threading.Semaphore(READ_AHEAD)
         self._stop = threading.Event()
+        self._failed = threading.Event()
         self.bytes_read = 0
-        self._thread = threading.Thread(target=self._run, name="distload-reader", daemon=True)
-        self._thread.start()
+        self._workers: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        if not chunks:
+            return
+        try:
+            for i in range(self._threads_n):
+                t = threading.Thread(target=self._work, name=f"distload-io-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
+            self._thread = threading.Thread(target=self._run, name="distload-reader", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _run(self) -> None:
-        for chunk in self._todo:
-            if self._stop.is_set():
+        """(scheduling thread) Take each chunk's buffer and queue its sub-range reads."""
+        try:
+            for chunk in self._todo:
+                self._window.acquire()
+                if self._stop.is_set() or self._failed.is_set():
+                    return
+                buf, pooled = None, False
+                try:
+                    buf = self._target_for(chunk)
+                    if buf is None:
+                        self._ahead.acquire()
+                        if self._stop.is_set():
+                            return
+                        buf, pooled = self._pool.acquire(chunk.nbytes), True
+                except BaseException as e:  # handed to the consumer, who reports it to all ranks
+                    self._out.put(_Pending(chunk, None, False, 0, e))
+                    return
+                parts = split_ranges(chunk.nbytes, self._threads_n, MIN_SPLIT_BYTES)
+                pending = _Pending(chunk, buf, pooled, len(parts))
+                self._out.put(pending)
+                for off, n in parts:
+                    self._tasks.put((pending, off, n))
+        finally:
+            for _ in self._workers:
+                self._tasks.put(None)
+
+    def _work(self) -> None:
+        """(IO thread) Read sub-ranges until told to stop."""
+        while True:
+            task = self._tasks.get()
+            if task is None:
                 return
-            pooled = False
+            pending, off, n = task
+            if self._stop.is_set():  # never hand out a partly read chunk as complete
+                pending.finish(DistLoadError("reader closed"))
+                continue
+            chunk = pending.chunk
             try:
-                buf = self._target_for(chunk)
-                if buf is None:
-                    self._ahead.acquire()
-                    if self._stop.is_set():
-                        return
-                    buf, pooled = self._pool.acquire(chunk.nbytes), True
-                read_exact(self._fds[chunk.file], buf, chunk.start, self._plan.files[chunk.file].name)
-                self.bytes_read += chunk.nbytes
-                self._out.put((chunk, buf, pooled, None))
-            except BaseException as e:  # handed to the consumer, who reports it to all ranks
-                add_context(e, f"reading {self._plan.files[chunk.file].name} "
-                               f"bytes {chunk.start}-{chunk.start + chunk.nbytes}")
-                if pooled:
-                    self._pool.release(buf)
-                self._out.put((chunk, None, False, e))
-                return
+                read_exact(self._fds[chunk.file], pending.buf[off : off + n], chunk.start + off,
+                           self._plan.files[chunk.file].name)
+                pending.finish(None)
+            except BaseException as e:
+                self._failed.set()
+                pending.finish(e)
 
     def next(self) -> tuple[Chunk, torch.Tensor | None, bool, BaseException | None]:
         """(owner) The next chunk in schedule order: ``(chunk, buf, pooled, error)``."""
-        item = self._out.get()
-        if item[2]:
+        pending: _Pending = self._out.get()
+        pending.done.wait()
+        self._window.release()
+        if pending.pooled:
             self._ahead.release()
-        return item
+        chunk = pending.chunk
+        if pending.error is not None:
+            e = pending.error
+            add_context(e, f"reading {self._plan.files[chunk.file].name} "
+                           f"bytes {chunk.start}-{chunk.start + chunk.nbytes}")
+            if pending.pooled:
+                self._pool.release(pending.buf)
+            return chunk, None, False, e
+        self.bytes_read += chunk.nbytes
+        return chunk, pending.buf, pending.pooled, None
 
     def close(self) -> None:
+        """Stop reading and join every thread this reader started."""
         self._stop.set()
+        self._window.release()
         self._ahead.release()
         self._pool.close()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            for _ in self._workers:
+                self._tasks.put(None)
+        for t in self._workers:
+            t.join()

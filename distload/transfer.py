@@ -28,14 +28,20 @@ or the largest scatter chunk or segment when bigger):
       and received chunks and segments; scatter owners add one send buffer
       (``ScatterChunk.send_bytes``: one segment per rank of the tensor's
       mesh, about B); ranks reading their own slices with a cast add 1 B.
-    - CUDA: 2 B of pinned host memory for reads (+1 B for slice reads); on
-      the GPU one B for receiving and staging, plus the send buffer on
-      scatter owners.
+    - CUDA (:class:`~distload.stage.CopyStage`): 3 B of pinned host memory
+      for reads (one being copied, one waiting, one being read; +1 B for
+      slice reads); on the GPU 2 B taken in turn for staging and receiving
+      (one filled while the other is sent), plus the send buffer on scatter
+      owners. Copies run on a copy stream and collectives on a comm stream,
+      ordered by events, so reading, copying and sending overlap without a
+      host sync per step.
+    None of this grows with ``io_threads``: the threads share each chunk's buffer.
     :attr:`Transfer.buffer_bytes` counts what this rank's pools allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +53,7 @@ from .plan import Chunk, LoadPlan
 from .reader import BufferPool, ChunkReader
 from .scatter import pack
 from .shard_plan import ScatterChunk
+from .stage import CopyStage
 
 BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
 
@@ -70,17 +77,20 @@ def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
-             progress=None) -> tuple[int, int, int]:
+             progress=None, io_threads: int | None = None) -> tuple[int, int, int]:
     """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes)."""
-    t = Transfer(comm, plan, placement, fds, progress)
+    t = Transfer(comm, plan, placement, fds, progress, io_threads)
     return t.run(), t.collectives, t.buffer_bytes
 
 
 class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None):
+    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None,
+                 io_threads: int | None = None):
         self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
+        self.io_threads = io_threads
+        self.stage: CopyStage | None = None
         self.steps = schedule(plan, comm.rank)
         self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
         self.buffer_bytes = 0
@@ -109,10 +119,11 @@ class Transfer:
         slices = [s.item.nbytes for s in mine if s.kind == SLICE]
         read_bytes = max([bucket, *reads])
         land_bytes = max([bucket, *segs] + ([] if on_host else reads))
-        self.read = BufferPool(2, max(read_bytes, land_bytes) if on_host else read_bytes, host, pin=not on_host)
-        # On CPU reads and receives share one pool; on GPU chunks land in (and
-        # owners stage through) one device buffer.
-        self.land = self.read if on_host else BufferPool(1, land_bytes, device)
+        if on_host:  # reads and receives share one pool
+            self.read = self.land = BufferPool(2, max(read_bytes, land_bytes), host)
+        else:  # reads stage through pinned buckets onto the device on a copy stream (distload.stage)
+            self.stage = CopyStage(device, read_bytes, land_bytes)
+            self.read, self.land = self.stage.pinned, None
         self.send = BufferPool(1, max([0, *sends]), device)
         self.slice = BufferPool(1, max([0, *slices]), host, pin=not on_host)
 
@@ -140,10 +151,11 @@ class Transfer:
             return self.placement.resolve(p.name, p.tensor_offset, p.nbytes, host)
 
         mine = [s for s in self.steps if s.item.owner == rank]
+        ahead = self.stage.read_ahead if self.stage is not None else 1
         self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                  read_target)
+                                  read_target, io_threads=self.io_threads, ahead=ahead)
         self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE], self.slice,
-                                  slice_target)
+                                  slice_target, io_threads=self.io_threads)
         error: BaseException | None = None
         try:
             for step in self.steps:
@@ -160,11 +172,24 @@ class Transfer:
                     self.progress.update(step.item.nbytes)
             comm.agree("transfer", error)
         finally:
+            if self.stage is not None:  # the caller's stream waits for every queued copy and collective
+                self.stage.close()
             self.slicer.close()
             self.reader.close()
-            self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in (
-                self.read, self.land, self.send, self.slice)}.values())
+            pools = [p for p in (self.read, self.land, self.send, self.slice) if p is not None]
+            if self.stage is not None:
+                pools.remove(self.stage.pinned)
+            self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in pools}.values()) + (
+                self.stage.allocated_bytes if self.stage is not None else 0)
         return self.reader.bytes_read + self.slicer.bytes_read
+
+    def _on_device_queue(self):
+        """The collective and unpacking of one step: on CUDA on the stage's comm stream, after its copy."""
+        return self.stage.collective() if self.stage is not None else contextlib.nullcontext()
+
+    def _done(self, buf: torch.Tensor | None) -> None:
+        if self.stage is not None and buf is not None:
+            self.stage.done(buf)
 
     def _agree_before(self, error: BaseException | None) -> None:
         """(all ranks) The status exchange before a data collective: raise everywhere if any rank failed."""
@@ -182,12 +207,14 @@ class Transfer:
                 error = e
         self._agree_before(error)
         try:
-            self.comm.broadcast_(buf, chunk.owner)
-            if not landed:
-                try:
-                    self._commit(chunk, chunk.pieces, buf)
-                except Exception as e:
-                    error = e
+            with self._on_device_queue():
+                self.comm.broadcast_(buf, chunk.owner)
+                if not landed:
+                    try:
+                        self._commit(chunk, chunk.pieces, buf)
+                    except Exception as e:
+                        error = e
+            self._done(buf)
         finally:
             for pool, b in held:
                 pool.release(b)
@@ -206,22 +233,15 @@ class Transfer:
             target = self.placement.resolve(p.name, p.tensor_offset, p.nbytes, device)
         if chunk.owner == self.comm.rank:
             buf, pooled = self._next(self.reader, chunk)
-            if device.type == "cpu":
+            if self.stage is None:
                 if pooled:
                     held.append((self.read, buf))
                 return buf, not pooled
-            try:
-                dev = target
-                if dev is None:
-                    dev = self.land.acquire(chunk.nbytes)
-                    held.append((self.land, dev))
-                dev.copy_(buf)  # synchronous: the pinned buffer can be reused at once
-            finally:
-                if pooled:
-                    self.read.release(buf)
-            return dev, target is not None
+            return self._upload(buf, pooled, target), target is not None
         if target is not None:
             return target, True
+        if self.stage is not None:
+            return self.stage.landing(chunk.nbytes), False
         buf = self.land.acquire(chunk.nbytes)
         held.append((self.land, buf))
         return buf, False
@@ -249,12 +269,15 @@ class Transfer:
         try:
             if rank in slot:
                 assert sub is not None, "a scatter group was not made"
-                sub.scatter_(recv, slot[chunk.owner], send)
+                with self._on_device_queue():
+                    sub.scatter_(recv, slot[chunk.owner], send)
+                    if not landed:
+                        try:
+                            self._commit(chunk, [p.piece for p in chunk.parts[rank]], recv)
+                        except Exception as e:
+                            error = e
                 if not landed:
-                    try:
-                        self._commit(chunk, [p.piece for p in chunk.parts[rank]], recv)
-                    except Exception as e:
-                        error = e
+                    self._done(recv)
         finally:
             for pool, b in held:
                 pool.release(b)
@@ -263,20 +286,20 @@ class Transfer:
     def _pack(self, chunk: ScatterChunk, slot: dict[int, int], held: list) -> torch.Tensor:
         """(owner) Read the chunk and lay every rank's piece into its segment of one send buffer."""
         buf, pooled = self._next(self.reader, chunk)
-        stage = None
+        staged = None
         try:
             src = buf
-            if self.comm.device.type != "cpu":  # cut pieces on the device: one host-to-device copy per chunk
-                stage = src = self.land.acquire(chunk.nbytes)
-                src.copy_(buf)
+            if self.stage is not None:  # cut pieces on the device: one host-to-device copy per chunk
+                staged = src = self._upload(buf, pooled, None)
+                pooled = False
             send = self.send.acquire(chunk.seg_bytes * len(slot))
             held.append((self.send, send))
             assert self.plan.sharded is not None
-            pack(chunk, src, send, self.plan, self.plan.sharded, slot)
+            with self._on_device_queue():
+                pack(chunk, src, send, self.plan, self.plan.sharded, slot)
             return send
         finally:
-            if stage is not None:
-                self.land.release(stage)
+            self._done(staged)
             if pooled:
                 self.read.release(buf)
 
@@ -292,6 +315,8 @@ class Transfer:
             target = self.placement.resolve(p.name, p.local_offset, p.nbytes, self.comm.device)
             if target is not None:
                 return target, True
+        if self.stage is not None:
+            return self.stage.landing(chunk.seg_bytes), False
         buf = self.land.acquire(chunk.seg_bytes)
         held.append((self.land, buf))
         return buf, False
@@ -308,6 +333,16 @@ class Transfer:
                 self.slice.release(buf)
 
     # ---- shared ----------------------------------------------------------------------
+
+    def _upload(self, buf: torch.Tensor, pooled: bool, into: torch.Tensor | None) -> torch.Tensor:
+        """(owner, CUDA) Queue the chunk's copy onto the device; its pinned bucket returns after the copy."""
+        assert self.stage is not None
+        try:
+            return self.stage.upload(buf, pooled=pooled, into=into)
+        except BaseException:
+            if pooled:
+                self.read.release(buf)
+            raise
 
     @staticmethod
     def _next(reader: ChunkReader, chunk) -> tuple[torch.Tensor, bool]:
