@@ -31,15 +31,18 @@ Note on what transformers ignores:
     ``_keys_to_ignore_on_load_missing``. distload keeps its strictness for
     everything else, and lists the keys it ignored for those reasons in
     :attr:`KeyMap.ignored`, together with checkpoint keys that are the model's
-    non-persistent buffers and the head of a task model's checkpoint loaded
-    into the base model. None of them is read.
+    non-persistent buffers, the head of a task model's checkpoint loaded
+    into the base model, and the other names of a tied weight stored under
+    several names (the tensor's own name is loaded). None of them is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,13 +235,14 @@ def build_key_map(model: nn.Module, checkpoint: Mapping[str, tuple[int, ...]], *
         else:
             routes.update(placed)
 
+    aliases = alias_groups(model)
+    ignored = list(dropped) + _drop_tied_duplicates(routes, aliases)
     _check_shapes(routes, checkpoint, model_shapes)
     _check_unique(routes, gathered)
 
     ignore_unexpected, ignore_missing = routed.ignore_patterns(model)
     nonpersistent = _non_persistent_buffers(model)
     head = routed.task_head(hooked, routes)
-    ignored = list(dropped)
     still: list[str] = []
     for ckey in unexpected:
         name = hooked[ckey]
@@ -249,7 +253,6 @@ def build_key_map(model: nn.Module, checkpoint: Mapping[str, tuple[int, ...]], *
             still.append(ckey)
 
     filled = {r.target for r in routes.values()} | {t for g in gathered for t in g.targets}
-    aliases = alias_groups(model)
     missing = []
     for name in model_shapes:
         if any(a in filled for a in aliases.get(name, (name,))):
@@ -260,64 +263,14 @@ def build_key_map(model: nn.Module, checkpoint: Mapping[str, tuple[int, ...]], *
     return KeyMap(routes, tuple(gathered), tuple(sorted(missing)), tuple(sorted(still)), tuple(sorted(ignored)))
 
 
-def destination_views(key_map: KeyMap, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """(every rank) Checkpoint key -> the view of its model tensor that its bytes land in.
-
-    ``targets`` maps model keys to their tensors on this rank. Views may be
-    non-contiguous (one expert's half of a fused ``gate_up_proj``).
-    Checkpoint keys of gathered ops are not included: they land in buffers.
-    """
-    out = {}
-    for ckey, route in key_map.routes.items():
-        t = targets[route.target]
-        out[ckey] = t if route.box is None else route.box.view(t)
-    return out
-
-
-def write_elements(dest: torch.Tensor, start: int, values: torch.Tensor) -> None:
-    """Copy ``values`` (1-D) into elements ``[start, start + n)`` of ``dest`` in row-major order.
-
-    ``dest`` may be any strided view (non-contiguous slices of a fused
-    tensor); the copy casts to ``dest``'s dtype. Whole rows go in one copy, so
-    the work is a few copies per dim, never one per element.
-    """
-    n = values.numel()
-    if n == 0:
-        return
-    if dest.is_contiguous():
-        dest.view(-1)[start : start + n].copy_(values)
-        return
-    if dest.dim() == 1:
-        dest[start : start + n].copy_(values)
-        return
-    inner = 1
-    for s in dest.shape[1:]:
-        inner *= s
-    first, head = divmod(start, inner)
-    last, tail = divmod(start + n, inner)
-    if first == last:
-        write_elements(dest[first], head, values)
-        return
-    pos = 0
-    if head:
-        write_elements(dest[first], head, values[: inner - head])
-        pos, first = inner - head, first + 1
-    if last > first:
-        rows = last - first
-        dest[first:last].copy_(values[pos : pos + rows * inner].view(rows, *dest.shape[1:]))
-        pos += rows * inner
-    if tail:
-        write_elements(dest[last], 0, values[pos:])
-
-
 # ---- transformers' rules ---------------------------------------------------
 
 
 def _is_transformers(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    if "transformers" not in sys.modules:  # a model cannot be one without it; importing costs seconds
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 
@@ -347,7 +300,8 @@ class _TransformersKeys:
         self.model_shapes = model_shapes
         self.prefix = getattr(model, "base_model_prefix", "") or None
         self.is_base = self.prefix is not None and getattr(model, "base_model", model) is model
-        mapping = get_model_conversion_mapping(model)
+        with _original_class_names(model):
+            mapping = get_model_conversion_mapping(model)
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = [m for m in mapping if isinstance(m, WeightConverter)]
         self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
@@ -393,6 +347,36 @@ class _TransformersKeys:
         return {k for k, name in hooked.items() if not name.startswith(dot) and k not in routes}
 
 
+@contextlib.contextmanager
+def _original_class_names(model: nn.Module) -> Iterator[None]:
+    """Let transformers find its mappings by class on FSDP2-wrapped models.
+
+    ``fully_shard`` swaps each wrapped module's class for a subclass named
+    ``FSDP<Name>`` defined in torch, and transformers looks conversion
+    mappings up by class name and module (``Dinov2Model`` from
+    ``transformers.``). The coordinator gives those modules their own class
+    back for the duration of the lookup, which only reads names and configs.
+    """
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None  # noqa: N806
+    try:
+        if FSDPModule is not None:
+            for module in model.modules():
+                cls = type(module)
+                if isinstance(module, FSDPModule) and cls.__name__.startswith("FSDP"):
+                    base = next((c for c in cls.__mro__[1:] if c.__name__ == cls.__name__[4:]), None)
+                    if base is not None:
+                        swapped.append((module, cls))
+                        module.__class__ = base
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
 def _apply_hook(checkpoint: Mapping[str, Any], hook: KeyHook | None) -> tuple[dict[str, str], list[str]]:
     """Checkpoint key -> the name after the user's ``key_map``; keys it drops."""
     if hook is None:
@@ -414,10 +398,10 @@ def _apply_hook(checkpoint: Mapping[str, Any], hook: KeyHook | None) -> tuple[di
 
 def _natural(key: str) -> list:
     """transformers' sort order for state-dict keys (``experts.10`` after ``experts.9``)."""
-    try:
-        from transformers.core_model_loading import dot_natural_key
-    except ImportError:
+    if "transformers" not in sys.modules:
         return [(0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")]
+    from transformers.core_model_loading import dot_natural_key
+
     return dot_natural_key(key)
 
 
@@ -562,10 +546,28 @@ def _check_unique(routes: Mapping[str, Route], gathered: Iterable[GatheredOp]) -
         raise DistLoadError("several checkpoint keys fill the same model tensor: " + "; ".join(clash))
 
 
+def _drop_tied_duplicates(routes: dict[str, Route], aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Tied weights stored under several names: keep the route to the tensor's own name (as transformers does).
+
+    ``aliases`` lists each group with the own name first; otherwise the
+    first stored alias in that order wins. Returns the checkpoint keys dropped.
+    """
+    by_group: dict[tuple[str, ...], list[tuple[int, str]]] = {}
+    for ckey, r in routes.items():
+        group = aliases.get(r.target, (r.target,))
+        if r.box is None and len(group) > 1:
+            by_group.setdefault(group, []).append((group.index(r.target), ckey))
+    dropped = []
+    for found in by_group.values():
+        for _, ckey in sorted(found)[1:]:
+            dropped.append(ckey)
+            del routes[ckey]
+    return dropped
+
+
 def _non_persistent_buffers(model: nn.Module) -> set[str]:
     out = set()
     for mname, module in model.named_modules():
         for b in module._non_persistent_buffers_set:
             out.add(f"{mname}.{b}" if mname else b)
     return out
-

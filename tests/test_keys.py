@@ -10,8 +10,9 @@ from safetensors import safe_open
 from torch import nn
 
 import distload
-from distload.keys import Box, build_key_map, destination_views, write_elements
-from distload.place import materialize
+from distload.convert import local_destinations
+from distload.keys import Box, build_key_map
+from distload.place import materialize, write_flat
 from distload.shard import Placement, Sharding, layout_of
 from keyckpt import (add_position_ids, bert_config, build, dinov2_config, header_shapes, llama_config,
                      mixtral_config, qwen3_moe_config, save)
@@ -29,17 +30,17 @@ def _read_all(ckpt) -> dict[str, torch.Tensor]:
 
 def _load_through(model: nn.Module, ckpt, key_map) -> nn.Module:
     """Fill ``model`` the way the loader does: each key in two flat halves into its view; gathered ops run."""
-    dests = materialize(model, torch.device("cpu"))
+    targets = materialize(model, torch.device("cpu"), None, [])
     tensors = _read_all(ckpt)
-    views = destination_views(key_map, dests.tensors)
+    views = local_destinations(key_map, targets)
     for k, view in views.items():
         flat = tensors[k].reshape(-1)
         half = flat.numel() // 2
-        write_elements(view, 0, flat[:half])
-        write_elements(view, half, flat[half:])
+        write_flat(view, 0, flat[:half])
+        write_flat(view, half, flat[half:])
     for g in key_map.gathered:
         for name, value in g.run({k: tensors[k] for k in g.sources}, model).items():
-            dests.tensors[name].copy_(value)
+            targets[name].copy_(value)
     return model
 
 
@@ -240,19 +241,6 @@ def test_plain_model_keys_map_to_themselves():
     assert (km.missing, km.unexpected, km.ignored) == (("output.weight",), ("extra",), ("freqs",))
 
 
-def test_write_elements_fills_any_flat_range_of_a_strided_view():
-    base = torch.zeros(3, 7, 5)
-    view = base[1, 2:6, :]  # contiguous rows inside
-    view_t = base.transpose(1, 2)[2, 1:4, 2:6]  # non-contiguous in both dims
-    for dest in (view, view_t):
-        src = torch.arange(dest.numel(), dtype=torch.float64) + 1
-        for cut in ((0, 3, 11, src.numel()), (0, src.numel()), (0, 1, 2, 5, src.numel())):
-            dest.zero_()
-            for a, b in zip(cut, cut[1:]):
-                write_elements(dest, a, src[a:b])
-            assert torch.equal(dest, src.view(dest.shape).to(dest.dtype))
-
-
 def test_box_restricted_to_a_shard_matches_dtensor_chunking():
     """Expert e of a Shard(0) fused tensor: the rank holding row e gets all of it, in its local view."""
     full = torch.arange(5 * 6 * 4, dtype=torch.float32).view(5, 6, 4)
@@ -288,3 +276,20 @@ def test_box_restricted_to_a_column_shard_splits_the_source():
         assert tuple(view.shape) == src.local_shape(r)
         pieces.append(view)
     assert torch.equal(torch.cat(pieces, 0), full[2, 2:5])
+
+
+def test_dry_run_plan_shows_how_keys_map(tmp_path, monkeypatch):
+    from transformers import Dinov2Model, MixtralForCausalLM
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = mixtral_config()
+    ckpt = save(build(MixtralForCausalLM, cfg), tmp_path / "m")
+    text = distload.plan_checkpoint(ckpt, model=_empty(MixtralForCausalLM, cfg)).describe()
+    assert "keys: 2 key(s) renamed" in text  # block_sparse_moe.gate -> mlp.gate, one per layer
+    assert "keys: 30 key(s) read straight into slices of 4 fused tensor(s)" in text
+    cfg = dinov2_config()
+    ckpt = save(build(Dinov2Model, cfg), tmp_path / "d")
+    text = distload.plan_checkpoint(ckpt, model=_empty(Dinov2Model, cfg)).describe()
+    assert "keys: Chunk(dim=0): encoder.layer.0.mlp.weights_in.weight -> encoder.layer.0.mlp.gate_proj.weight, " \
+           "encoder.layer.0.mlp.up_proj.weight (gathered)" in text
