@@ -108,11 +108,22 @@ def _world(rank, world, ckpts, mode):
     return out
 
 
+class _Runs:
+    """Per-rank results of one process world per (mode, world size), run when a test first asks."""
+
+    def __init__(self, ckpts):
+        self.ckpts, self.done = ckpts, {}
+
+    def __getitem__(self, key: tuple[str, int]) -> list:
+        if key not in self.done:
+            mode, world = key
+            self.done[key] = run_world(_world, world, self.ckpts, mode, timeout=600)
+        return self.done[key]
+
+
 @pytest.fixture(scope="module")
 def runs(ckpts):
-    """{(mode, world): per-rank results}; one process world per mode and size."""
-    return {(mode, world): run_world(_world, world, ckpts, mode, timeout=600)
-            for mode in ("replicated", "fsdp") for world in (2, 3)}
+    return _Runs(ckpts)
 
 
 CASES = ["mixtral", "qwen3_moe", "bert", "base_into_lm", "lm_into_base", "stage", "dinov2"]
