@@ -20,30 +20,25 @@ import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass
+import warnings
 
 import torch
 from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
 from .comm import Comm, TorchComm, describe
-from .dtensor import has_dtensors, sharded_layouts
+from .convert import Region, keyed_placement
+from .dtensor import has_dtensors, sharded_layouts, shardings
 from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .groups import argument_mismatch, load_arguments
 from .index import local_root, read_checkpoint
-from .place import (
-    Placement,
-    alias_groups,
-    local_bytes,
-    meta_buffers_not_loaded,
-    model_placement,
-    model_signature,
-    tied_duplicates,
-)
+from .keys import KeyHook, KeyMap, build_key_map
+from .place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
 from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
 from .reader import check_io_threads, default_io_threads, open_verified
 from .report import LoadReport, peak_rss_bytes
+from .shard import Layout, layout_of
 from .shard_plan import READ_POLICIES, build_shard_plan
 from .storage import is_local_storage
 from .transfer import transfer
@@ -52,15 +47,6 @@ from .transfer import transfer
 # How long a survivor of a timed-out collective waits for the others to check in.
 SILENT_WAIT_S = 3.0
 _LOAD_SEQ = itertools.count()
-
-
-@dataclass(frozen=True)
-class _Match:
-    """Rank 0's verdict on checkpoint keys versus the model's."""
-
-    wanted: frozenset[str]
-    missing: tuple[str, ...]
-    unexpected: tuple[str, ...]
 
 
 def load_checkpoint(
@@ -77,6 +63,8 @@ def load_checkpoint(
     comm: str = "torch",
     read_policy: str = "auto",
     io_threads: int | None = None,
+    key_map: KeyHook | None = None,
+    subset: bool = False,
 ) -> LoadReport:
     """(all ranks) Fill ``model`` from a safetensors checkpoint, reading each file once per job.
 
@@ -89,7 +77,8 @@ def load_checkpoint(
         device: ``"cpu"`` (default) or ``"cuda"`` (this rank's GPU from ``LOCAL_RANK``).
         dtype: cast floating-point parameters to this dtype (e.g. ``torch.bfloat16``).
         strict: raise on missing or unexpected keys; otherwise report them
-            (missing meta parameters are zero-filled; real ones keep their values).
+            (missing meta parameters are zero-filled, and a warning and the
+            report's warnings name them; real ones keep their values).
         bucket_mb: size of the coalescing buckets and of each transfer.
         timeout_s: collective timeout when distload creates the process group
             (a rank that stops answering fails the load after this long). A
@@ -112,6 +101,16 @@ def load_checkpoint(
             filesystems). Each byte is read once in every policy; the report's
             ``read_policy`` says what each tensor got.
         io_threads: threads each file owner reads with (default one per core, at most 8).
+        key_map: for models that are not transformers models, checkpoint key ->
+            model key, as a dict (unlisted keys keep their name) or a callable
+            (``None`` drops the key), e.g. torchtitan <-> Hugging Face names.
+            transformers models are mapped as ``from_pretrained`` maps them
+            (renames, base-model prefix, fused experts; see
+            :mod:`distload.keys`); ``key_map`` applies first.
+        subset: the model holds part of the checkpoint (a pipeline stage, a
+            model with layers removed): checkpoint keys it has no place for are
+            neither read nor errors (the report lists them as ignored).
+            Every model key must still be filled under ``strict``.
 
     Example::
 
@@ -124,7 +123,7 @@ def load_checkpoint(
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
     return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype,
-                 read_policy=read_policy, io_threads=io_threads).run()
+                 read_policy=read_policy, io_threads=io_threads, key_map=key_map, subset=subset).run()
 
 
 def load_state_dict(
@@ -172,18 +171,21 @@ def plan_checkpoint(
     model: nn.Module | None = None,
     strict: bool = True,
     read_policy: str = "auto",
+    key_map: KeyHook | None = None,
+    subset: bool = False,
 ) -> LoadPlan:
     """(all ranks) The plan a load would follow, without reading tensor data.
 
     With ``model``, the plan is the one :func:`load_checkpoint` would follow
     for it: only the keys the model has, checked against it (``strict``), and
     for DTensor (FSDP2 / TP) parameters the scatter and slice schedule in
-    ``plan.sharded``.
+    ``plan.sharded``; ``plan.conversions`` says how keys map onto the model.
     """
     _check_read_policy(read_policy)
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    job = _Load(transport, dev, path, strict, bucket_mb, False, model=model, dtype=None, read_policy=read_policy)
+    job = _Load(transport, dev, path, strict, bucket_mb, False, model=model, dtype=None, read_policy=read_policy,
+                key_map=key_map, subset=subset)
     return job.make_plan()
 
 
@@ -198,10 +200,11 @@ class _Load:
 
     def __init__(self, comm: Comm, device: torch.device, path, strict: bool, bucket_mb: float,
                  progress: bool | None, *, model: nn.Module | None, dtype: torch.dtype | None,
-                 read_policy: str = "auto", io_threads: int | None = None):
+                 read_policy: str = "auto", io_threads: int | None = None, key_map: KeyHook | None = None,
+                 subset: bool = False):
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
         self.io_threads = check_io_threads(default_io_threads() if io_threads is None else io_threads)
-        self.read_policy = read_policy
+        self.read_policy, self.key_hook, self.subset = read_policy, key_map, subset
         self.local_bytes = 0
         self.buffer_bytes = 0
         self.bucket_mb, self.model, self.dtype = bucket_mb, model, dtype
@@ -209,7 +212,7 @@ class _Load:
         self.phase = "start"
         self.seq = next(_LOAD_SEQ)  # the same on every rank: all run the same loads in order
         self.state_dict: dict[str, torch.Tensor] = {}
-        self.match = _Match(frozenset(), (), ())
+        self.keys = KeyMap()  # how checkpoint keys map onto the model (distload.keys), from rank 0
 
     # ---- phases -------------------------------------------------------------
 
@@ -255,6 +258,8 @@ class _Load:
                 d.pop("ranks", None)
             report = LoadReport.from_dict(gathered[self.comm.rank])
             report.ranks = gathered
+            if self.keys.missing and self.comm.rank == 0:
+                warnings.warn("distload: " + _missing_warning(self.keys.missing), stacklevel=3)
             ok = True
             return report
         except DistLoadError:
@@ -306,12 +311,12 @@ class _Load:
         mismatch = argument_mismatch([g[2] for g in gathered])
         if mismatch is not None:
             raise mismatch
-        plan, match = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))
-        if match is not None:
-            self.match = match
+        plan, keys = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))
+        if keys is not None:
+            self.keys = keys
         return plan
 
-    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, _Match | None]:
+    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, KeyMap | None]:
         """(coordinator) Validate the checkpoint against the model and build the plan."""
         digest = gathered[0][1]
         differ = [r for r, (_, d, _) in enumerate(gathered) if d != digest]
@@ -324,50 +329,64 @@ class _Load:
             # The dtype each tensor lands in; refusals name the key.
             plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors}, None, self.dtype)
             return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None
-        match = self._match(ckpt, sig)
-        wanted = set(match.wanted)
+        keys = self._match(ckpt)
+        wanted = set(keys.wanted)
         if not has_dtensors(self.model):
-            return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted), match
-        shapes = {t.name: tuple(t.shape) for f in ckpt.files for t in f.tensors}
-        group = self.comm.group if isinstance(self.comm, TorchComm) else None
-        layouts = sharded_layouts(self.model, shapes, wanted, group, self.comm.world_size)
+            plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted)
+            return dataclasses.replace(plan, conversions=tuple(keys.describe())), keys
+        layouts = self._source_layouts(keys)
         plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted - set(layouts))
         sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=self.comm.world_size,
                               bucket_bytes=plan.bucket_bytes, read_policy=self.read_policy,
                               local_storage=is_local_storage(ckpt.root))
-        return dataclasses.replace(plan, sharded=sp), match
+        return dataclasses.replace(plan, sharded=sp, conversions=tuple(keys.describe())), keys
 
-    def _match(self, ckpt, sig: dict) -> _Match:
-        """(coordinator) Compare checkpoint keys with the model's; raise under strict."""
+    def _source_layouts(self, keys: KeyMap) -> dict[str, Layout]:
+        """(coordinator) The layout of every checkpoint key that fills a sharded DTensor.
+
+        A key filling a box of a DTensor (one expert of a fused tensor) takes
+        the DTensor's layout restricted to its box. Sources of gathered
+        conversions, and keys whose piece every rank holds, are broadcast.
+        """
         assert self.model is not None
-        shapes = {t.name: t.shape for f in ckpt.files for t in f.tensors}
-        aliases = alias_groups(self.model)
-        have = set(shapes)
-        # Tied weights stored under several names: the tensor's own name wins.
-        wanted = (have & set(sig)) - tied_duplicates(self.model, have)
-        bad = [f"{k}: checkpoint {list(shapes[k])} vs model {list(sig[k][0])}"
-               for k in sorted(wanted) if tuple(shapes[k]) != sig[k][0]]
-        if bad:
-            raise DistLoadError("shape mismatch for " + "; ".join(bad))
+        group = self.comm.group if isinstance(self.comm, TorchComm) else None
+        model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
+        targets = {r.target for r in keys.routes.values()}
+        by_target = sharded_layouts(self.model, model_shapes, targets, group, self.comm.world_size)
+        layouts = {}
+        for ckey, route in keys.routes.items():
+            layout = by_target.get(route.target)
+            if layout is not None and route.box is not None:
+                layout = route.box.restrict(layout)
+            if layout is not None and not layout.replicated:
+                layouts[ckey] = layout
+        return layouts
+
+    def _match(self, ckpt) -> KeyMap:
+        """(coordinator) Map checkpoint keys onto the model's (distload.keys); raise under strict."""
+        assert self.model is not None
+        shapes = {t.name: tuple(t.shape) for f in ckpt.files for t in f.tensors}
+        keys = build_key_map(self.model, shapes, key_map=self.key_hook)
+        params = {k: (v.dtype, isinstance(v, nn.Parameter)) for k, v in self.model.state_dict(keep_vars=True).items()}
         plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors},  # refusals name the key
-                    {k: (v.dtype, isinstance(v, nn.Parameter))
-                     for k, v in self.model.state_dict(keep_vars=True).items() if k in wanted}, self.dtype)
-        missing = sorted(k for k in sig if not any(a in have for a in aliases.get(k, (k,))))
-        unexpected = sorted(have - set(sig))
-        if self.strict and (missing or unexpected):
+                    {k: params[r.target] for k, r in keys.routes.items()}, self.dtype)
+        unexpected = () if self.subset else keys.unexpected
+        if self.strict and (keys.missing or unexpected):
             parts = []
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+            if keys.missing:
+                parts.append(f"missing keys ({len(keys.missing)}): {', '.join(keys.missing)}")
             if unexpected:
                 parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-            raise DistLoadError("checkpoint does not match the model: " + "; ".join(parts)
-                                + " (pass strict=False to load what matches)")
-        unfilled = meta_buffers_not_loaded(self.model, wanted)
+            hint = "pass strict=False to load what matches"
+            if unexpected and not keys.missing:
+                hint += ", or subset=True if the model holds part of the checkpoint"
+            raise DistLoadError("checkpoint does not match the model: " + "; ".join(parts) + f" ({hint})")
+        unfilled = meta_buffers_not_loaded(self.model, set(keys.filled))
         if unfilled:
             raise DistLoadError(
                 f"buffers {unfilled} are on the meta device and the checkpoint does not hold them; "
                 "build the model under distload.empty_init(), which keeps buffers real")
-        return _Match(frozenset(wanted), tuple(missing), tuple(unexpected))
+        return keys
 
     def _open_files(self, plan: LoadPlan, fds: dict[int, int]) -> None:
         """(owner ranks) Open and verify this rank's files under its own view of the path.
@@ -395,13 +414,37 @@ class _Load:
             return Placement(tensors, plan.dtypes)
         was_meta = {k for k, v in self.model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
         shards = plan.sharded.layouts if plan.sharded is not None else {}
+        whole = {k for k, r in self.keys.routes.items() if r.box is None and r.source == r.target}
         placement = model_placement(
             self.model, self.device, self.dtype, plan.dtypes,
-            local_shapes={k: v.local_shape(self.comm.rank) for k, v in shards.items()},
+            local_shapes={k: v.local_shape(self.comm.rank) for k, v in shards.items() if k in whole},
             # strict=False: missing ones get defined values; real tensors (computed buffers) keep theirs
-            zero={k for k in self.match.missing if k in was_meta})
+            zero={k for k in self.keys.missing if k in was_meta})
         self.local_bytes = local_bytes(placement.dests)
-        return placement
+        if self.keys.identity:
+            return placement
+        try:  # checkpoint key -> the view of its model tensor (distload.convert)
+            regions = self._regions() if shards or self.keys.gathered else {}
+            keyed = keyed_placement(placement, self.keys, self.model, self.device, plan.shapes, regions)
+            for name, layout in shards.items():
+                if name not in whole and tuple(keyed.dests[name].shape) != layout.local_shape(self.comm.rank):
+                    raise DistLoadError(f"{name}: local piece is {list(keyed.dests[name].shape)} but the plan "
+                                        f"expects {list(layout.local_shape(self.comm.rank))}; does every rank "
+                                        "shard the model the same way?")
+        except BaseException:
+            placement.restore()
+            raise
+        return keyed
+
+    def _regions(self) -> dict[str, Region | None]:
+        """(every rank, locally) This rank's global region of every DTensor, by model key."""
+        assert self.model is not None
+        if not has_dtensors(self.model):
+            return {}
+        group = self.comm.group if isinstance(self.comm, TorchComm) else None
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
+        return {k: layout_of(shapes[k], sharding, self.comm.world_size).regions[self.comm.rank]
+                for k, sharding in shardings(self.model, group).items()}
 
     def _report(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
         me = rank_info(self.comm.rank)
@@ -418,13 +461,21 @@ class _Load:
             seconds=seconds,
             local_bytes=self.local_bytes,
             read_policy=dict(plan.sharded.policies) if plan.sharded else {},
-            missing_keys=sorted(set(self.match.missing)),
-            unexpected_keys=list(self.match.unexpected),
-            warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files],
+            missing_keys=list(self.keys.missing),
+            unexpected_keys=[] if self.subset else list(self.keys.unexpected),
+            ignored_keys=list(self.keys.ignored) + (list(self.keys.unexpected) if self.subset else []),
+            converted_keys=[k for g in self.keys.gathered for k in g.sources],
+            warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files]
+            + ([_missing_warning(self.keys.missing)] if self.keys.missing else []),
             peak_rss_bytes=peak_rss_bytes(),
             chunks=chunks,
             buffer_bytes=self.buffer_bytes,
         )
+
+
+def _missing_warning(missing: tuple[str, ...]) -> str:
+    return (f"{len(missing)} model key(s) are not in the checkpoint and were not loaded "
+            f"(zero-filled where they had no values): {', '.join(missing)}")
 
 
 def _progress_bar(total: int):

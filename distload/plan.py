@@ -104,6 +104,7 @@ class LoadPlan:
     warnings: tuple[str, ...] = ()
     moved: bytes | None = None  # bitmap over the tensors in file order: which ones the broadcast moves; None: all
     sharded: ShardPlan | None = None  # DTensor destinations (distload.shard_plan), if any
+    conversions: tuple[str, ...] = ()  # how checkpoint keys map onto the model (distload.keys), for --dry-run
 
     def __reduce__(self):
         owners = set(self.owners)
@@ -158,6 +159,7 @@ class LoadPlan:
                          f"({counts['scatter']} scattered, {counts['slice']} read as slices), "
                          f"{sh.total_bytes / 1e9:.3f} GB in {len(sh.scatters)} scatter(s) "
                          f"and {len(sh.slices)} slice read(s)")
+        lines.extend(f"keys: {line}" for line in self.conversions)
         where = {r.rank: f" (node {r.node_key}, local rank {r.local_rank})" for r in self.ranks}
         for r in range(self.world_size):
             host = where.get(r, "")

@@ -27,6 +27,8 @@ class LoadReport:
     seconds: float
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)  # checkpoint keys not read: transformers ignores them, or subset
+    converted_keys: list[str] = field(default_factory=list)  # checkpoint keys gathered for a conversion op
     warnings: list[str] = field(default_factory=list)
     peak_rss_bytes: int = 0
     chunks: int = 0  # collectives that carried data
@@ -74,6 +76,12 @@ class LoadReport:
         if self.unexpected_keys:
             lines.append(f"  unexpected keys ({len(self.unexpected_keys)}): {', '.join(self.unexpected_keys[:8])}"
                          + (" ..." if len(self.unexpected_keys) > 8 else ""))
+        if self.ignored_keys:
+            lines.append(f"  ignored checkpoint keys, not read ({len(self.ignored_keys)}): "
+                         f"{', '.join(self.ignored_keys[:8])}" + (" ..." if len(self.ignored_keys) > 8 else ""))
+        if self.converted_keys:
+            lines.append(f"  keys gathered for a conversion ({len(self.converted_keys)}): "
+                         f"{', '.join(self.converted_keys[:8])}" + (" ..." if len(self.converted_keys) > 8 else ""))
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
