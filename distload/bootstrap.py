@@ -9,6 +9,7 @@ With ``kind="mpi"`` the transport is mpi4py instead of torch.distributed.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -254,6 +255,7 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
     extra = {"device_id": dev} if dev.type == "cuda" else {}
+    atexit.register(_release_destroyed_groups)  # runs before interpreter teardown
     if launch.master_addr is None or launch.master_port is None:
         store = _mpi_store(launch, timeout)
         dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
@@ -345,6 +347,20 @@ def destroy_process_group() -> None:
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
+
+
+def _release_destroyed_groups() -> None:
+    """(at exit, a group distload created) Free groups the program destroyed but DTensor's caches still hold.
+
+    A training script that calls ``torch.distributed.destroy_process_group()``
+    and returns from the function holding its FSDP2 model leaves the group
+    alive only through those caches; emptying them here lets its threads be
+    joined before interpreter teardown (see :func:`destroy_process_group`).
+    """
+    import gc
+
+    clear_dtensor_caches()
     gc.collect()
 
 
