@@ -9,6 +9,7 @@ With ``kind="mpi"`` the transport is mpi4py instead of torch.distributed.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -27,12 +28,30 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn ``"cuda"`` into this rank's GPU (from ``LOCAL_RANK``); default cpu."""
-    dev = torch.device(device if device is not None else "cpu")
-    if dev.type == "cuda" and dev.index is None:
-        if not torch.cuda.is_available():
-            raise DistLoadError("device='cuda' was requested but CUDA is not available")
-        dev = torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
+    """The device a load targets: ``"cpu"``, ``"cuda"`` (this rank's GPU, from ``LOCAL_RANK``) or ``"cuda:N"``.
+
+    Raises one clear :class:`DistLoadError` for anything else: a name torch
+    does not know (``"gpu"``), another device type, CUDA on a machine without
+    it, or a GPU index the machine does not have. Default cpu.
+    """
+    spec = device if device is not None else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise DistLoadError(f"device {str(spec)!r} is not a device: use cpu, cuda (this rank's GPU) or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DistLoadError(f"device {str(spec)!r} is not supported: use cpu, cuda (this rank's GPU) or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistLoadError(f"device {str(spec)!r}: CUDA is not available on {socket.gethostname()} "
+                            f"(torch {torch.__version__}); use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is None:
+        return torch.device("cuda", local_rank() % count)
+    if dev.index >= count:
+        raise DistLoadError(f"device {str(spec)!r} does not exist: {socket.gethostname()} has {count} GPU(s), "
+                            f"cuda:0 to cuda:{count - 1}")
     return dev
 
 
@@ -237,6 +256,7 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
     extra = {"device_id": dev} if dev.type == "cuda" else {}
+    atexit.register(_release_destroyed_groups)  # runs before interpreter teardown
     if launch.master_addr is None or launch.master_port is None:
         store = _mpi_store(launch, timeout)
         dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
@@ -298,6 +318,65 @@ def _routable_address() -> str:
         except OSError:
             pass
     return socket.gethostbyname(socket.gethostname())
+
+
+def destroy_process_group() -> None:
+    """(every rank, at the end) Destroy the default process group, and make sure it is gone.
+
+    ``torch.distributed.destroy_process_group()`` only unregisters a group:
+    the C++ ProcessGroup (for gloo, with its worker and TCP-loop threads)
+    lives on while any Python object still refers to it. After an FSDP2 or
+    tensor-parallel load something always does: every DeviceMesh keeps its
+    groups in ``_pg_registry``, and DTensor's sharding-propagation caches keep
+    the meshes of every DTensor operation ever dispatched. The group is then
+    destroyed during interpreter teardown, where gloo's threads can no longer
+    take the GIL to release the tensors of their last work, and the process
+    dies with ``terminate called without an active exception`` (SIGABRT)
+    after a successful run, now and then.
+
+    So this empties those caches and collects garbage (FSDP2 modules are
+    reference cycles) around the destroy, so that the group's destructor
+    joins its threads here, while Python is fully alive. Models still
+    referenced by the caller keep their meshes, and so the group: drop them
+    (``del model``) before calling this.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    clear_dtensor_caches()
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def _release_destroyed_groups() -> None:
+    """(at exit, a group distload created) Free groups the program destroyed but DTensor's caches still hold.
+
+    A training script that calls ``torch.distributed.destroy_process_group()``
+    and returns from the function holding its FSDP2 model leaves the group
+    alive only through those caches; emptying them here lets its threads be
+    joined before interpreter teardown (see :func:`destroy_process_group`).
+    """
+    import gc
+
+    clear_dtensor_caches()
+    gc.collect()
+
+
+def clear_dtensor_caches() -> None:
+    """Empty DTensor's sharding-propagation caches, which hold every DeviceMesh (and its groups) they saw."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return  # no DTensor was ever used
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+    except (ImportError, AttributeError, RuntimeError):  # another torch: its caches, if any, stay
+        pass
 
 
 COMMS = ("torch", "mpi")

@@ -37,9 +37,27 @@ class DistLoadError(RuntimeError):
         for r in ranks:
             by_msg.setdefault(failures[r], []).append(r)
         for msg, rs in by_msg.items():
-            who = f"rank {rs[0]}" if len(rs) == 1 else f"ranks {_ranges(rs)}"
-            lines.append(f"  {who}: {msg}")
+            lines.append(f"  {_who(rs)}: {msg}")
         return cls("\n".join(lines), phase=phase, failures=failures, agreed=True, tracebacks=tracebacks)
+
+    def one_line(self) -> str:
+        """This error as one line: which step failed on which rank(s), and why.
+
+        ``plan failed on rank 0: checkpoint path does not exist: /ckpt`` for an
+        agreed error; an error no other rank saw is just its message. Lines of a
+        multi-line cause are joined with `` | ``. The CLI prints this.
+        """
+        if not self.failures:
+            return _joined(str(self))
+        by_msg: dict[str, list[int]] = {}
+        for r in sorted(self.failures):
+            by_msg.setdefault(self.failures[r], []).append(r)
+        what = f"{self.phase} failed" if self.phase else "failed"
+        if len(by_msg) == 1:
+            ((msg, ranks),) = by_msg.items()
+            return f"{what} on {_who(ranks)}: {_joined(msg)}"
+        causes = "; ".join(f"{_who(rs)}: {_joined(m)}" for m, rs in by_msg.items())
+        return f"{what} on {_who(sorted(self.failures))}: {causes}"
 
 
 def add_context(exc: BaseException, where: str) -> BaseException:
@@ -63,6 +81,14 @@ def add_context(exc: BaseException, where: str) -> BaseException:
 def _rebuild(message: str, phase: str, failures: dict[int, str], agreed: bool,
              tracebacks: dict[int, str]) -> DistLoadError:
     return DistLoadError(message, phase=phase, failures=failures, agreed=agreed, tracebacks=tracebacks)
+
+
+def _joined(text: str) -> str:
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _who(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_ranges(ranks)}"
 
 
 def _ranges(ranks: list[int]) -> str:

@@ -197,7 +197,8 @@ def _find_checkpoint(p: Path) -> tuple[Path, Path | None, list[str]]:
     pickles = sorted(x.name for x in p.iterdir() if x.name.endswith(_PICKLE_SUFFIXES + (".bin.index.json",)))
     if pickles:
         raise DistLoadError(_PICKLE_HELP.format(what=", ".join(pickles)))
-    raise DistLoadError(f"no safetensors checkpoint in {p}")
+    raise DistLoadError(f"no safetensors checkpoint in {p}: looked for model.safetensors.index.json, "
+                        "*.safetensors.index.json, model.safetensors and *.safetensors")
 
 
 def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:

@@ -2,10 +2,24 @@
 
 ``srun python -m distload.load`` and ``mpiexec -n N python -m distload.load``
 work the same way (see :func:`distload.init_distributed`); ``--comm mpi`` moves
-the bytes over MPI instead of torch.distributed.
+the bytes over MPI instead of torch.distributed. Installed, the same program
+is the ``distload`` command.
 
 Every rank runs this module; rank 0 prints the summary. Exit status 0 means
 the model (or state dict) loaded completely on every rank.
+
+Errors are one line, printed once per job, and the exit status is 1:
+
+* the arguments are checked first, on every rank alike, before any process
+  group exists (``--dtype``, ``--device``, ``--model``, ``--mode``); the
+  launcher's rank 0 prints the line, labelled with the true rank from the
+  launcher's environment;
+* everything after that (the report path, building the model, the load)
+  runs with the group up, so the ranks agree on the failure and rank 0
+  prints it once, naming the rank(s) where it happened.
+
+Under torchrun the failing ranks also write torchrun's error file, so the
+``Root Cause`` at the end of torchrun's failure summary is distload's line.
 """
 
 from __future__ import annotations
@@ -14,47 +28,78 @@ import argparse
 import importlib
 import inspect
 import json
+import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
-from .loader import load_state_dict_with_report
-from .bootstrap import COMMS, DEFAULT_TIMEOUT_S, resolve_device
+from .bootstrap import (COMMS, DEFAULT_TIMEOUT_S, destroy_process_group, detect_launch, init_distributed, local_rank,
+                        make_comm, resolve_device)
 from .index import resolve_checkpoint
+from .loader import load_state_dict_with_report
 from .plan import DEFAULT_BUCKET_MB
 from .shard_plan import READ_POLICIES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+EPILOG = """\
+examples:
+  %(prog)s /ckpt/llama --dry-run                       one process: print the plan
+  torchrun --standalone --nproc_per_node 8 -m distload.load /ckpt/llama --device cuda
+  torchrun --standalone --nproc_per_node 8 -m distload.load /ckpt/llama --mode fsdp --device cuda
+  srun python -m distload.load /ckpt/llama             (or mpiexec -n 4 python -m distload.load ...)
+
+Exit status 0 means every rank loaded completely; otherwise 1, with one error line.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (where there is one worth showing), the epilog's examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _prog() -> str:
+    return "distload" if Path(sys.argv[0]).name == "distload" else "python -m distload.load"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m distload.load",
+        prog=_prog(),
         description="Load a sharded safetensors checkpoint on every rank, reading each file once per job.",
+        epilog=EPILOG, formatter_class=_HelpFormatter,
     )
     p.add_argument("path", help="checkpoint directory, .safetensors file or *.safetensors.index.json")
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; none: state dict only; "
                         "pkg.module:factory: call factory() (or factory(path)) under empty_init; "
-                        "auto (default): hf if config.json is present, else none")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl; this rank's GPU from LOCAL_RANK)")
+                        "auto: hf if config.json is present, else none")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (gloo), cuda (nccl; this rank's GPU from LOCAL_RANK) or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (config's dtype, else as stored), bf16, fp16 or fp32")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket and transfer size in MiB")
     p.add_argument("--io-threads", type=int, default=None,
                    help="threads each file owner reads with (default one per core, at most 8)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="fail on missing or unexpected keys (default) or only report them")
+                   help="fail on missing or unexpected keys, or (--no-strict) only report them")
     p.add_argument("--comm", default="torch", choices=COMMS,
-                   help="transport: torch (torch.distributed, set up from torchrun, srun or mpiexec; default) "
+                   help="transport: torch (torch.distributed, set up from torchrun, srun or mpiexec) "
                         "or mpi (mpi4py, for CPU clusters without NCCL or jobs already inside MPI)")
-    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds")
+    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="collective timeout in seconds when distload creates the process group")
     p.add_argument("--mode", default="replicated", choices=("replicated", "fsdp"),
-                   help="replicated (default): every rank gets the whole model; fsdp: fully_shard each "
+                   help="replicated: every rank gets the whole model; fsdp: fully_shard each "
                         "transformer block and the root (FSDP2), then load only each rank's shards")
     p.add_argument("--read-policy", default="auto", choices=READ_POLICIES,
                    help="--mode fsdp: scatter (owner reads, sends each rank its piece), slice (each rank reads "
@@ -66,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --dry-run: emulate N ranks (8 per node) in this one process, replicated and with "
                         "every tensor Shard(0) over all N ranks, and print the plan bytes each rank receives "
                         "and the planning seconds")
-    p.add_argument("--report", metavar="OUT.json", help="write every rank's report to this file (rank 0)")
+    p.add_argument("--report", metavar="OUT.json",
+                   help="rank 0 writes every rank's report to this file (checked for writability before loading)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
     return p.parse_args(argv)
@@ -75,6 +121,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def checkpoint_dir(path: str) -> Path:
     p = resolve_checkpoint(path)  # a path, or a Hub repo id in the local cache
     return p if p.is_dir() else p.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked command line: what every rank will do."""
+
+    model: str  # "hf", "none" or "pkg.module:factory" ("auto" resolved)
+    device: torch.device
+    dtype: torch.dtype | None  # None: as stored, or config.json's for --model hf (resolved in run)
+
+
+def check_args(args: argparse.Namespace) -> Settings:
+    """(every rank, before any process group exists) Refuse a bad command line, in one line.
+
+    Every rank reaches the same verdict from the same arguments, except where
+    the machine matters (``--device cuda`` on a node without GPUs).
+    """
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
+    if not args.bucket_mb > 0:
+        raise DistLoadError(f"--bucket-mb must be positive, not {args.bucket_mb:g}")
+    if not args.timeout_s > 0:
+        raise DistLoadError(f"--timeout-s must be positive, not {args.timeout_s:g}")
+    model = args.model
+    if model == "auto":
+        model = "hf" if (checkpoint_dir(args.path) / "config.json").is_file() else "none"
+    if model not in ("hf", "none") and not _FACTORY.match(model):
+        raise DistLoadError(f"--model must be hf, none, auto or pkg.module:factory, not {args.model!r}")
+    if args.mode == "fsdp" and model == "none":
+        why = "--model none" if args.model == "none" else f"no config.json in {checkpoint_dir(args.path)}"
+        raise DistLoadError(f"--mode fsdp needs a model to shard ({why}): pass --model hf or "
+                            "--model pkg.module:factory")
+    try:
+        device = resolve_device(args.device)
+    except DistLoadError as e:  # "device 'gpu' is not a device: ..." -> "--device gpu is not a device: ..."
+        raise DistLoadError(str(e).replace(f"device {args.device!r}", f"--device {args.device}", 1)) from None
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else None
+    return Settings(model=model, device=device, dtype=dtype)
+
+
+def check_report_path(path: str) -> None:
+    """(rank 0) Fail before loading when ``--report`` could not be written after it."""
+    out = Path(path)
+    if out.is_dir():
+        raise DistLoadError(f"--report {path}: is a directory; name a file, e.g. {out / 'report.json'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise DistLoadError(f"--report {path}: directory {parent} does not exist")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise DistLoadError(f"--report {path}: file is not writable")
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise DistLoadError(f"--report {path}: cannot create files in {parent}")
 
 
 def build_model(spec: str, path: str) -> nn.Module | None:
@@ -102,7 +200,14 @@ def build_model(spec: str, path: str) -> nn.Module | None:
 
 
 def build_hf_model(root: Path) -> nn.Module:
-    """Build the transformers model that ``config.json`` names, under empty_init."""
+    """Build the transformers model that ``config.json`` names, under empty_init.
+
+    The class comes from ``architectures[0]``; only a ``transformers.PreTrainedModel``
+    subclass is accepted, so a config cannot make the CLI call any other
+    callable that transformers exports. Without ``architectures`` (or with a
+    name this transformers does not have), ``AutoModel`` picks the class from
+    ``model_type``.
+    """
     try:
         import transformers
     except ImportError:
@@ -111,7 +216,11 @@ def build_hf_model(root: Path) -> nn.Module:
         raise DistLoadError(f"--model hf needs a config.json in {root}; use --model none for a state dict")
     config = transformers.AutoConfig.from_pretrained(root)
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise DistLoadError(f"config.json in {root} names architecture {archs[0]!r}, which is not a transformers "
+                            "model class (a PreTrainedModel subclass); fix config.json or pass "
+                            "--model pkg.module:factory")
     with empty_init():
         if cls is not None:
             return cls(config)
@@ -128,63 +237,173 @@ def hf_dtype(root: Path) -> torch.dtype | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """(every rank) Run the CLI; returns the exit status (0: every rank loaded completely)."""
     args = parse_args(argv)
-    rank = 0
     try:
-        if args.dtype != "auto" and args.dtype not in DTYPES:
-            raise DistLoadError(f"--dtype must be auto, bf16, fp16 or fp32, not {args.dtype!r}")
-        if args.world is not None:
-            return _print_plan_cost(args)
-        if args.dry_run and args.mode != "fsdp":  # the file plan needs no model
-            return _print_plan(args)
-        model = build_model(args.model, args.path)
-        if args.mode == "fsdp":
-            if model is None:
-                raise DistLoadError("--mode fsdp needs a model (--model hf or pkg.module:factory)")
-            from .fsdp import fully_shard_blocks
-
-            fully_shard_blocks(model, resolve_device(args.device), args.timeout_s)
-        if args.dry_run:  # FSDP2: the sharded model's plan, with its scatters and slice reads
-            return _print_plan(args, model=model, strict=args.strict, read_policy=args.read_policy)
-        dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
-            hf_dtype(checkpoint_dir(args.path)) if model is not None else None)
-        common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
-                      timeout_s=args.timeout_s, progress=args.progress, comm=args.comm, io_threads=args.io_threads)
-        if model is None:
-            _, report = load_state_dict_with_report(args.path, **common)
-        else:
-            report = load_checkpoint(model, args.path, strict=args.strict, read_policy=args.read_policy, **common)
-            still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-            if still_meta:
-                raise DistLoadError(f"parameters left on meta after the load: {still_meta[:5]}")
-        rank = report.rank
-        if rank == 0:
-            print(report.summary())
-            if args.report:
-                Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
-        return 0
+        settings = check_args(args)
+    except DistLoadError as e:
+        # No group yet: every rank reached this alone. The launcher's rank 0
+        # speaks for all; on a device error (which can differ per node) the
+        # first rank of each node does.
+        rank = _launch_rank()
+        device_error = str(e).startswith("--device")
+        return _fail(e, rank, speak=rank == 0 or (device_error and local_rank() == 0), error_file=True)
+    try:
+        return _run(args, settings)
+    except _PreGroupError as e:  # building the model: every rank alike, before the group
+        rank = _launch_rank()
+        return _fail(e, rank, speak=rank == 0, error_file=True)
     except DistLoadError as e:
         rank = _rank()
-        if rank == 0 or not e.agreed:
-            one_line = " | ".join(line.strip() for line in str(e).splitlines())
-            print(f"distload: error (rank {rank}): {one_line}", file=sys.stderr)
+        _fail(e, rank, speak=rank == 0 or not e.agreed, error_file=rank == 0 or not e.agreed)
         if not e.agreed:
             _abort_mpi_job()
         return 1
-    except Exception as e:  # a factory, transformers or the report file: still one line, non-zero
-        one_line = " | ".join(line.strip() for line in str(e).splitlines())
-        print(f"distload: error (rank {_rank()}): {type(e).__name__}: {one_line}", file=sys.stderr)
+    except Exception as e:  # not agreed (a report write, a transport that failed to start): still one line
+        rank = _rank()
+        _fail(DistLoadError(f"{type(e).__name__}: {e}"), rank, speak=True, error_file=True)
         return 1
     finally:
         _shutdown()
 
 
-def _print_plan(args: argparse.Namespace, **model_args) -> int:
-    """(all ranks) Plan without reading tensor data; rank 0 prints it."""
-    plan = plan_checkpoint(args.path, device=args.device, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s,
-                           comm=args.comm, **model_args)
-    if _rank() == 0:
-        print(plan.describe())
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """(every rank) Build the model, join the job, load (or plan), and report.
+
+    The model is built before the process group exists: code that builds a
+    model with a group up may keep references to it (transformers does), and a
+    group that outlives :func:`destroy_process_group` dies in interpreter
+    teardown. Build errors are therefore reported like argument errors.
+    """
+    if args.world is not None:  # one process: no model, no group
+        return _print_plan_cost(args)
+    model = None
+    if not (args.dry_run and args.mode == "replicated"):  # the file plan needs no model
+        try:
+            model = build_model(settings.model, args.path)
+        except DistLoadError as e:
+            raise _PreGroupError(str(e)) from e
+        except Exception as e:  # a factory's or transformers' own error
+            raise _PreGroupError(_describe(e)) from e
+    if args.mode == "fsdp" and not init_distributed(settings.device, args.timeout_s):  # FSDP2 needs torch's group
+        raise DistLoadError("--mode fsdp needs a distributed launch (torchrun, srun or mpiexec)")
+    comm = make_comm(settings.device, None, args.timeout_s, args.comm)  # the group exists from here on
+    error = None
+    try:
+        if comm.rank == 0 and args.report and not args.dry_run:
+            check_report_path(args.report)
+        if args.mode == "fsdp":
+            from .fsdp import fully_shard_blocks
+
+            fully_shard_blocks(model, settings.device, args.timeout_s)
+    except Exception as e:  # the report path (rank 0), sharding: agreed below
+        error = e
+    comm.agree("setup", error)
+    if args.dry_run:
+        model_args = dict(model=model, strict=args.strict, read_policy=args.read_policy) if args.mode == "fsdp" else {}
+        plan = _cli_wording(plan_checkpoint)(args.path, device=args.device, bucket_mb=args.bucket_mb,
+                                             timeout_s=args.timeout_s, comm=args.comm, **model_args)
+        if comm.rank == 0:
+            print(plan.describe())
+        return 0
+    dtype = settings.dtype
+    if dtype is None and model is not None:
+        dtype = hf_dtype(checkpoint_dir(args.path))
+    common = dict(device=args.device, dtype=dtype, bucket_mb=args.bucket_mb,
+                  timeout_s=args.timeout_s, progress=args.progress, comm=args.comm, io_threads=args.io_threads)
+    if model is None:
+        _, report = _cli_wording(load_state_dict_with_report)(args.path, **common)
+    else:
+        report = _cli_wording(load_checkpoint)(model, args.path, strict=args.strict,
+                                               read_policy=args.read_policy, **common)
+        still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if still_meta:
+            raise DistLoadError(f"parameters left on meta after the load: {still_meta[:5]}")
+    if report.rank == 0:
+        print(report.summary())
+        if args.report:
+            Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+class _PreGroupError(DistLoadError):
+    """Building the model failed, before the process group existed."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+_LIBRARY_HINTS = {"pass strict=False": "pass --no-strict"}
+
+
+def _cli_wording(fn):
+    """``fn`` with the library's hints rephrased as the command line's options (``--no-strict``)."""
+
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DistLoadError as e:
+            fixed = _reworded(e)
+            if fixed is e:
+                raise
+            raise fixed from e.__cause__
+
+    return call
+
+
+def _reworded(e: DistLoadError) -> DistLoadError:
+    def fix(text: str) -> str:
+        for lib, cli in _LIBRARY_HINTS.items():
+            text = text.replace(lib, cli)
+        return text
+
+    if not any(lib in str(e) for lib in _LIBRARY_HINTS):
+        return e
+    return DistLoadError(fix(str(e)), phase=e.phase, agreed=e.agreed, tracebacks=e.tracebacks,
+                         failures={r: fix(m) for r, m in e.failures.items()})
+
+
+def _fail(e: DistLoadError, rank: int, *, speak: bool, error_file: bool) -> int:
+    """Print ``e`` as distload's one line (where ``speak``) and record it for torchrun; returns 1."""
+    line = f"distload: error: {e.one_line()}" if e.agreed else f"distload: error (rank {rank}): {e.one_line()}"
+    if speak:
+        print(line, file=sys.stderr, flush=True)
+    if error_file:
+        _write_torchrun_error_file(line)
+    return 1
+
+
+def _write_torchrun_error_file(line: str) -> None:
+    """Under torchrun, leave ``line`` where the agent looks for a worker's error.
+
+    torchrun ends a failed job with a summary whose last entry, ``Root Cause``,
+    shows the error file of the first rank that failed, so distload's line is
+    what the user sees last. The file has the layout of
+    ``torch.distributed.elastic``'s ``@record``, with the line in place of a traceback.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # torchrun's summary then says less; the line is on stderr already
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher set it (torchrun, srun, mpiexec), before any group exists."""
+    try:
+        launch = detect_launch()
+    except DistLoadError:
+        launch = None
+    if launch is not None:
+        return launch.rank
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
     return 0
 
 
@@ -201,7 +420,7 @@ def _print_plan_cost(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    """This process's rank in whichever transport is up: torch.distributed, else MPI, else 0."""
+    """This process's rank in whichever transport is up: torch.distributed, else MPI, else the launcher's."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -209,7 +428,7 @@ def _rank() -> int:
     mpi = sys.modules.get("mpi4py.MPI")  # only when --comm mpi imported it
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         return mpi.COMM_WORLD.Get_rank()
-    return 0
+    return _launch_rank()
 
 
 def _abort_mpi_job() -> None:
@@ -227,10 +446,9 @@ def _abort_mpi_job() -> None:
 
 
 def _shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """(every rank, last) Destroy the process group while Python is fully alive (see
+    :func:`distload.bootstrap.destroy_process_group`); the model died with ``_run``."""
+    destroy_process_group()
 
 
 if __name__ == "__main__":

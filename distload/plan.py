@@ -147,12 +147,17 @@ class LoadPlan:
 
     def describe(self) -> str:
         """A human-readable table of file -> rank and bytes per rank."""
-        lines = [f"plan: {len(self.files)} file(s), {self.total_bytes / 1e9:.3f} GB to move, "
-                 f"{len(self.chunks)} chunk(s) of <= {self.bucket_bytes >> 20} MiB, world {self.world_size}"]
+        sh = self.sharded
+        n = len(self.chunks)
+        moved = f"{self.total_bytes / 1e9:.3f} GB to move in {n} chunk{'' if n == 1 else 's'}"
+        if sh is not None:  # the broadcast plan holds only plain tensors; the shards travel as below
+            moved = (f"{(self.total_bytes + sh.total_bytes) / 1e9:.3f} GB to move: {sh.total_bytes / 1e9:.3f} GB "
+                     f"as shards, {self.total_bytes / 1e9:.3f} GB broadcast in {n} chunk{'' if n == 1 else 's'}")
+        lines = [f"plan: {len(self.files)} file(s), {moved} of <= {self.bucket_bytes >> 20} MiB, "
+                 f"world {self.world_size}"]
         nodes = {r.rank: f" on {r.node_key}" for r in self.ranks}
         for f, o in zip(self.files, self.owners):
             lines.append(f"  {f.name:<40} {f.size / 1e6:>10.1f} MB -> rank {o}{nodes.get(o, '')}")
-        sh = self.sharded
         if sh is not None:
             counts = {p: sum(1 for v in sh.policies.values() if v == p) for p in ("scatter", "slice")}
             lines.append(f"sharded: {len(sh.policies)} DTensor(s), read_policy {sh.read_policy} "

@@ -57,7 +57,7 @@ class LoadReport:
         """A few lines for rank 0 to print."""
         lines = [
             f"distload: {self.total_bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
-            f"= {self.gbps:.2f} GB/s, world {self.world_size}, device {self.device}, {self.chunks} chunks"
+            f"= {self.gbps:.2f} GB/s, world {self.world_size}, device {self.device}, {self.chunks} chunk{'' if self.chunks == 1 else 's'}"
         ]
         for r in self.ranks or [self.to_dict()]:
             lines.append(

@@ -15,7 +15,7 @@ the files over nodes before ranks.
   --nnodes N   emulated nodes (default 1)
   options      passed to python -m distload.load (default --device cpu)
 
-Environment: PYTHON (default python3).
+Environment: PYTHON (default: the active virtualenv, else this repository's .venv, else python3).
 Example:     launch/dry_run.sh --nnodes 2 -n 4 /ckpt/llama
 USAGE
 }
@@ -31,6 +31,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
+require_distload
 extra=()
 has_arg --device "$@" || extra+=(--device cpu)
 port=$(free_port)

@@ -14,8 +14,9 @@ Starts `mpiexec -n N python -m distload.load CKPT --comm COMM ...`.
                 NCCL) or torch (gloo/nccl, rendezvous agreed over MPI)
   options       passed to python -m distload.load (default --device cpu)
 
-Environment: PYTHON (default python3), MPIEXEC (default mpiexec next to
-PYTHON, else on PATH). Open MPI run as root gets --allow-run-as-root.
+Environment: PYTHON (default: the active virtualenv, else this repository's
+.venv, else python3), MPIEXEC (default mpiexec next to PYTHON, else on PATH).
+Open MPI run as root gets --allow-run-as-root.
 Example:      launch/mpiexec.sh -n 4 /ckpt/llama --report r.json
 USAGE
 }
@@ -32,6 +33,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
+require_distload
 py_dir=$(dirname "$(command -v "$PYTHON")")
 MPIEXEC=${MPIEXEC:-$([[ -x $py_dir/mpiexec ]] && echo "$py_dir/mpiexec" || command -v mpiexec || true)}
 [[ -n $MPIEXEC ]] || { echo "mpiexec not found: pip install 'distload[mpi]'" >&2; exit 1; }

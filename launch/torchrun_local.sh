@@ -12,7 +12,7 @@ Starts `torchrun --standalone --nproc_per_node NPROC -m distload.load CKPT ...`.
   options    passed to python -m distload.load (see its --help); --device
              defaults to cuda when GPUs are present, else cpu
 
-Environment: PYTHON (default python3).
+Environment: PYTHON (default: the active virtualenv, else this repository's .venv, else python3).
 Example:     launch/torchrun_local.sh /ckpt/llama --dtype bf16 --report report.json
 USAGE
 }
@@ -27,6 +27,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
+require_distload
 gpus=$(gpu_count)
 nproc=${nproc:-$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2)}
 extra=()

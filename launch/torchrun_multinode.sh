@@ -18,7 +18,7 @@ Run it on each of the N nodes with the same arguments. It starts
   options           passed to python -m distload.load; --device defaults to
                     cuda when GPUs are present, else cpu
 
-Environment: PYTHON (default python3).
+Environment: PYTHON (default: the active virtualenv, else this repository's .venv, else python3).
 Example (on node0 and node1):
   launch/torchrun_multinode.sh --nnodes 2 --head node0:29400 /ckpt/llama --report r.json
 USAGE
@@ -37,6 +37,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n $nnodes && -n $head && $# -ge 1 ]] || { usage >&2; exit 2; }
+require_distload
 [[ $head == *:* ]] || head="$head:29400"
 gpus=$(gpu_count)
 nproc=${nproc:-$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2)}

@@ -160,6 +160,7 @@ def test_factory_under_torchrun_strict_and_no_strict(tmp_path, synthetic_ckpt, f
     errs = error_lines(proc)
     assert len(errs) == 1, proc.stdout + proc.stderr  # agreed on both ranks, printed once
     assert "missing keys" in errs[0] and "extra.weight" in errs[0]
+    assert "--no-strict" in errs[0] and "strict=False" not in errs[0]  # the CLI's option, not the library's
 
     out = tmp_path / "report.json"
     proc = run_cli(tmp_path, str(synthetic_ckpt), "--model", f"{factory}:build_extra", "--no-strict",
@@ -260,7 +261,10 @@ def test_dry_run_prints_plan_and_reads_no_tensor_data(tmp_path, llama_ckpt, npro
     (["{synth}", "--model", "userfactory:broken"], "factory exploded | second line"),
     (["{synth}", "--model", "hf"], "config.json"),
     (["{synth}", "--dtype", "int3"], "--dtype"),
-    (["{synth}", "--bucket-mb", "0"], "bucket_mb"),
+    (["{synth}", "--bucket-mb", "0"], "--bucket-mb must be positive"),
+    (["{synth}", "--device", "gpu"], "--device gpu is not a device"),
+    (["{synth}", "--model", "none", "--mode", "fsdp"], "--mode fsdp needs a model"),
+    (["{synth}", "--report", "{missing}/r.json"], "--report"),
 ])
 def test_bad_input_one_line_error(tmp_path, synthetic_ckpt, factory, args, match):
     args = [a.format(missing=tmp_path / "nowhere", synth=synthetic_ckpt) for a in args]
@@ -279,6 +283,10 @@ def test_bad_input_under_torchrun(tmp_path):
     assert proc.returncode != 0
     errs = error_lines(proc)
     assert len(errs) == 1 and "does not exist" in errs[0], proc.stdout + proc.stderr
+    assert errs[0].startswith("distload: error: plan failed on rank 0: checkpoint path does not exist"), errs[0]
+    # torchrun's summary ends with distload's line as the root cause
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    assert any("traceback : distload: error" in line for line in tail[-4:]), tail[-12:]
 
 
 def test_dry_run_with_fsdp_prints_the_sharded_plan_and_reads_no_tensor_data(tmp_path, llama_ckpt):
@@ -298,3 +306,23 @@ def test_dry_run_with_fsdp_prints_the_sharded_plan_and_reads_no_tensor_data(tmp_
     for r in range(2):
         for path, off, n in json.loads((tmp_path / f"spy.{r}").read_text())["reads"]:
             assert off + n <= header_end[path], f"rank {r} read {n} bytes at {off} of {path}: tensor data"
+
+
+def test_help_names_the_command_shows_defaults_and_a_torchrun_example(tmp_path):
+    code = ("import sys; sys.argv[0] = '/venv/bin/distload'; from distload.load import main; main(['--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: distload ")
+    assert "(default: 64" in proc.stdout and "(default: 300" in proc.stdout
+    assert "torchrun --standalone --nproc_per_node 8 -m distload.load" in proc.stdout
+
+
+def test_model_hf_refuses_a_config_naming_a_class_that_is_not_a_model(tmp_path, llama_ckpt):
+    cfg = json.loads((llama_ckpt / "config.json").read_text())
+    cfg["architectures"] = ["AutoTokenizer"]  # a transformers class, but not a PreTrainedModel
+    (llama_ckpt / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli(tmp_path, str(llama_ckpt), "--model", "hf")
+    assert proc.returncode == 1
+    errs = error_lines(proc)
+    assert len(errs) == 1 and "'AutoTokenizer', which is not a transformers model class" in errs[0], proc.stderr

@@ -224,7 +224,7 @@ def test_a_rank_killed_mid_load_under_torchrun_ends_the_job_nonzero_quickly(size
     assert seconds < JOB_S
     assert "rank 1 kills itself now" in out
     # The survivor raises a clear error naming the phase ...
-    assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
+    assert "distload: error: transfer failed on rank 0" in out, out[-3000:]
     assert "did another rank die or time out?" in out
     # ... and torchrun names the dead rank and its signal.
     assert "rank      : 1" in out and "exitcode  : -9" in out
@@ -236,7 +236,7 @@ def test_a_rank_hung_mid_load_under_torchrun_ends_the_job_after_timeout_s(sized)
     assert proc.returncode != 0
     assert seconds < JOB_S
     assert "rank 1 hangs itself now" in out
-    assert "distload: error (rank 0): distload transfer failed on rank 0" in out, out[-3000:]
+    assert "distload: error: transfer failed on rank 0" in out, out[-3000:]
     assert "Timed out" in out and "rank(s) 1 did not respond (hung or dead)" in out, "the survivor names the hung rank"
 
 
