@@ -347,19 +347,28 @@ def open_regular(path: Path) -> int:
     return fd
 
 
+def pread_into(fd: int, view: memoryview, offset: int, name: object) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` with ``preadv``; a short file is a truncation error.
+
+    The one read loop: headers here, tensor bytes in :mod:`distload.reader`.
+    OS errors propagate as themselves, so callers can say what they were reading.
+    """
+    done, total = 0, len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise DistLoadError(f"{name}: truncated: file ended {total - done} bytes early at offset {offset + done}")
+        done += n
+
+
 def _pread_all(fd: int, n: int, name: object, offset: int = 0) -> bytes:
-    """Exactly ``n`` bytes at ``offset``; a short file is a truncation error."""
-    parts, done = [], 0
-    while done < n:
-        try:
-            part = os.pread(fd, n - done, offset + done)
-        except OSError as e:
-            raise DistLoadError(f"{name}: read failed at offset {offset + done}: {e.strerror or e}") from e
-        if not part:
-            raise DistLoadError(f"{name}: truncated: file ended {n - done} bytes early at offset {offset + done}")
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
+    """Exactly ``n`` bytes at ``offset``."""
+    buf = bytearray(n)
+    try:
+        pread_into(fd, memoryview(buf), offset, name)
+    except OSError as e:
+        raise DistLoadError(f"{name}: read failed: {e.strerror or e}") from e
+    return bytes(buf)
 
 
 def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> ShardFile:

@@ -19,7 +19,7 @@ import torch
 
 from .errors import DistLoadError
 from .errors import add_context
-from .index import header_from_fd, open_checked
+from .index import header_from_fd, open_checked, pread_into
 from .plan import Chunk, LoadPlan
 
 
@@ -133,13 +133,7 @@ def open_verified(plan: LoadPlan, file_idx: int, root: str | os.PathLike | None 
 
 def read_exact(fd: int, buf: torch.Tensor, offset: int, name: str) -> None:
     """Fill ``buf`` (a contiguous uint8 CPU tensor) from ``fd`` at ``offset``."""
-    view = memoryview(buf.numpy()).cast("B")
-    done, total = 0, len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise DistLoadError(f"{name}: file ended {total - done} bytes early at offset {offset + done} (truncated?)")
-        done += n
+    pread_into(fd, memoryview(buf.numpy()).cast("B"), offset, name)
 
 
 class _Pending:

@@ -36,4 +36,4 @@ def fs_type(path: str | os.PathLike) -> str:
 def is_local_storage(path: str | os.PathLike) -> bool:
     """True unless ``path`` is on a network, parallel or FUSE filesystem."""
     kind = fs_type(path)
-    return not any(kind == n or kind.startswith(n + ".") or kind.startswith("fuse") for n in NETWORK_FS)
+    return not any(kind == n or kind.startswith(n + ".") for n in NETWORK_FS)
