@@ -277,14 +277,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     """
     if args.world is not None:  # one process: no model, no group
         return _print_plan_cost(args)
-    model = None
-    if not (args.dry_run and args.mode == "replicated"):  # the file plan needs no model
-        try:
-            model = build_model(settings.model, args.path)
-        except DistLoadError as e:
-            raise _PreGroupError(str(e)) from e
-        except Exception as e:  # a factory's or transformers' own error
-            raise _PreGroupError(_describe(e)) from e
+    # Built for dry runs too: the plan then shows key conversions and what each rank reads.
+    try:
+        model = build_model(settings.model, args.path)
+    except DistLoadError as e:
+        raise _PreGroupError(str(e)) from e
+    except Exception as e:  # a factory's or transformers' own error
+        raise _PreGroupError(_describe(e)) from e
     if args.mode == "fsdp" and not init_distributed(settings.device, args.timeout_s):  # FSDP2 needs torch's group
         raise DistLoadError("--mode fsdp needs a distributed launch (torchrun, srun or mpiexec)")
     comm = make_comm(settings.device, None, args.timeout_s, args.comm)  # the group exists from here on
@@ -300,7 +299,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         error = e
     comm.agree("setup", error)
     if args.dry_run:
-        model_args = dict(model=model, strict=args.strict, read_policy=args.read_policy) if args.mode == "fsdp" else {}
+        model_args = dict(model=model, strict=args.strict, read_policy=args.read_policy) if model is not None else {}
         plan = _cli_wording(plan_checkpoint)(args.path, device=args.device, bucket_mb=args.bucket_mb,
                                              timeout_s=args.timeout_s, comm=args.comm, **model_args)
         if comm.rank == 0:
