@@ -17,13 +17,16 @@ import torch
 from .errors import DistLoadError
 
 # The arguments every rank must agree on: they decide the plan and its collectives.
-LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb")
+LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb", "subset")
 
 
-def load_arguments(path, dtype, strict, read_policy, bucket_mb) -> tuple[str, ...]:
-    """This rank's arguments, in :data:`LOAD_ARGUMENTS` order, as comparable text."""
+def load_arguments(path, dtype, strict, read_policy, bucket_mb, subset=False) -> tuple[str, ...]:
+    """This rank's arguments, in :data:`LOAD_ARGUMENTS` order, as comparable text.
+
+    ``key_map`` is left out: a callable has no value to compare across ranks.
+    """
     return (os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path), str(dtype), repr(strict),
-            repr(read_policy), repr(bucket_mb))
+            repr(read_policy), repr(bucket_mb), repr(bool(subset)))
 
 
 def argument_mismatch(gathered: list[tuple[str, ...] | None]) -> DistLoadError | None:

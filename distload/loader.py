@@ -303,7 +303,8 @@ class _Load:
             nonlocal sig
             sig = model_signature(self.model) if self.model is not None else {}
             return (rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest(),
-                    load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb))
+                    load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb,
+                                   self.subset))
 
         # Any rank's local failure rides in the first gather, so no rank is
         # left waiting for the plan broadcast.

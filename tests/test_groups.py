@@ -33,6 +33,8 @@ def test_argument_mismatch_names_the_argument_and_every_differing_rank():
     assert "dtype is torch.bfloat16 here but None on rank 0" in str(err) and "ranks 1,3" in str(err)
     nan = load_arguments("/ck", None, True, "auto", float("nan"))
     assert argument_mismatch([nan, nan]) is None  # an invalid value everywhere is the planner's error, not a split
+    stage = argument_mismatch([same, load_arguments("/ck", None, True, "auto", 64, subset=True)])
+    assert stage is not None and "subset is True here but False on rank 0" in str(stage)
 
 
 CASES = {  # argument -> (rank 0's value, rank 1's value)
