@@ -29,19 +29,35 @@ def load_arguments(path, dtype, strict, read_policy, bucket_mb, subset=False) ->
             repr(read_policy), repr(bucket_mb), repr(bool(subset)))
 
 
-def argument_mismatch(gathered: list[tuple[str, ...] | None]) -> DistLoadError | None:
-    """(every rank) The error naming each argument and the ranks whose value differs from rank 0's, if any."""
+def argument_mismatch(gathered: list[tuple[str, ...] | None],
+                      nodes: list[str] | None = None) -> DistLoadError | None:
+    """(every rank) The error naming each argument and the ranks whose value differs, if any.
+
+    Every argument is compared with rank 0's, except ``path``: with node-local
+    storage each node may see the checkpoint under its own path (the open
+    phase then checks every file against rank 0's headers), so ``path`` is
+    compared with the first rank of the same node (``nodes[r]``, the plan's
+    node keys). Without ``nodes`` every rank counts as one node.
+    """
     if not gathered or gathered[0] is None:
         return None
     base = gathered[0]
+    first_on_node: dict[str, int] = {}
     failures: dict[int, str] = {}
     for r, args in enumerate(gathered):
-        if args is None or args == base:
+        node = nodes[r] if nodes is not None else ""
+        peer = first_on_node.setdefault(node, r)
+        if args is None:
             continue
-        diffs = [f"{name} is {mine} here but {theirs} on rank 0"
-                 for name, mine, theirs in zip(LOAD_ARGUMENTS, args, base) if mine != theirs]
-        failures[r] = ("load arguments differ between ranks: " + "; ".join(diffs)
-                       + f" (every rank must pass the same {', '.join(LOAD_ARGUMENTS)})")
+        diffs = []
+        for i, name in enumerate(LOAD_ARGUMENTS):
+            ref, who = (gathered[peer], peer) if name == "path" else (base, 0)
+            if ref is not None and args[i] != ref[i]:
+                diffs.append(f"{name} is {args[i]} here but {ref[i]} on rank {who}")
+        if diffs:
+            failures[r] = ("load arguments differ between ranks: " + "; ".join(diffs)
+                           + f" (every rank must pass the same {', '.join(LOAD_ARGUMENTS)}; "
+                           "only ranks on different nodes may name the checkpoint by different paths)")
     return DistLoadError.from_failures("plan", failures) if failures else None
 
 

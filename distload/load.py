@@ -146,7 +146,10 @@ def check_args(args: argparse.Namespace) -> Settings:
         raise DistLoadError(f"--timeout-s must be positive, not {args.timeout_s:g}")
     model = args.model
     if model == "auto":
-        model = "hf" if (checkpoint_dir(args.path) / "config.json").is_file() else "none"
+        try:
+            model = "hf" if (checkpoint_dir(args.path) / "config.json").is_file() else "none"
+        except DistLoadError:  # no checkpoint there: the load's plan phase says so, once, for every rank
+            model = "none"
     if model not in ("hf", "none") and not _FACTORY.match(model):
         raise DistLoadError(f"--model must be hf, none, auto or pkg.module:factory, not {args.model!r}")
     if args.mode == "fsdp" and model == "none":
@@ -177,6 +180,8 @@ def check_report_path(path: str) -> None:
 
 def build_model(spec: str, path: str) -> nn.Module | None:
     """(every rank) The meta-initialized model the CLI loads into, or None for a state dict."""
+    if spec == "none":  # a state dict: the load itself checks the path
+        return None
     root = checkpoint_dir(path)
     if spec == "auto":
         spec = "hf" if (root / "config.json").is_file() else "none"

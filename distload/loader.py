@@ -309,7 +309,7 @@ class _Load:
         # Any rank's local failure rides in the first gather, so no rank is
         # left waiting for the plan broadcast.
         gathered = self.comm.gather_or_raise("plan", mine)
-        mismatch = argument_mismatch([g[2] for g in gathered])
+        mismatch = argument_mismatch([g[2] for g in gathered], [g[0].node_key for g in gathered])
         if mismatch is not None:
             raise mismatch
         plan, keys = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))

@@ -144,7 +144,12 @@ def test_a_placement_error_on_the_last_rank_fails_every_rank_and_leaves_models_o
 
 
 def _own_paths(rank: int, world: int, cases: list[list[str]]) -> list[dict]:
-    """(every rank) Load each case from this rank's own path, as with node-local storage."""
+    """(every rank) Load each case from this rank's own path, as with node-local storage.
+
+    Each rank plays a node of its own (torchrun's ``GROUP_RANK``), as on a
+    cluster where every node holds its own copy.
+    """
+    os.environ["GROUP_RANK"] = str(rank)
     out = []
     for paths in cases:
         try:

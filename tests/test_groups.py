@@ -99,3 +99,11 @@ def _child_nccl_only(rank: int, world: int, path: str) -> str:
 def test_a_group_without_a_cpu_backend_is_refused_with_a_clear_message(synthetic_ckpt):
     for msg in run_world(_child_nccl_only, 2, str(synthetic_ckpt), timeout=120):
         assert "device='cpu' needs a process group that moves host memory" in msg
+
+
+def test_ranks_on_different_nodes_may_name_the_checkpoint_by_different_paths():
+    a, b = load_arguments("/node0/ck", None, True, "auto", 64), load_arguments("/node1/ck", None, True, "auto", 64)
+    assert argument_mismatch([a, b, a, b], ["n0", "n1", "n0", "n1"]) is None  # node-local copies
+    err = argument_mismatch([a, b, a, a], ["n0", "n1", "n0", "n1"])  # rank 3 disagrees with rank 1, its node's first
+    assert err is not None and sorted(err.failures) == [3]
+    assert "path is /node0/ck here but /node1/ck on rank 1" in str(err)
