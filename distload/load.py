@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # not agreed (a report write, a transport that failed to start): still one line
         rank = _rank()
         _fail(DistLoadError(f"{type(e).__name__}: {e}"), rank, speak=True, error_file=True)
+        _abort_mpi_job()  # a collective may still be pending (an MPI timeout): finalizing would wait on it
         return 1
     finally:
         _shutdown()
@@ -370,7 +371,10 @@ def _reworded(e: DistLoadError) -> DistLoadError:
 
 def _fail(e: DistLoadError, rank: int, *, speak: bool, error_file: bool) -> int:
     """Print ``e`` as distload's one line (where ``speak``) and record it for torchrun; returns 1."""
-    line = f"distload: error: {e.one_line()}" if e.agreed else f"distload: error (rank {rank}): {e.one_line()}"
+    # Agreed errors, and broken collectives (whose message names the failing ranks), speak for
+    # themselves; anything else is labelled with the rank that saw it.
+    names_ranks = e.agreed or bool(e.failures)
+    line = f"distload: error: {e.one_line()}" if names_ranks else f"distload: error (rank {rank}): {e.one_line()}"
     if speak:
         print(line, file=sys.stderr, flush=True)
     if error_file:

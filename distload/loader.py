@@ -283,7 +283,7 @@ class _Load:
         torchrun stops the survivors within moments of the death.
         """
         text = describe(e)
-        failures = {self.comm.rank: text}
+        failures: dict[int, str] = {self.comm.rank: text}
         hint = " (did another rank die or time out?)"
         if "timed out" in text.lower() or "timeout" in text.lower():
             restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -291,6 +291,8 @@ class _Load:
             if silent:
                 hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
                 failures.update({r: "did not respond" for r in silent})
+        if len(failures) == 1:  # nobody named as silent
+            failures[self.comm.rank] = text + hint  # the CLI's one line carries the hint too
         return DistLoadError(f"distload {self.phase} failed on rank {self.comm.rank}: {text}{hint}",
                              phase=self.phase, failures=failures)
 

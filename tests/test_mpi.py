@@ -92,7 +92,7 @@ def test_a_hung_rank_fails_the_mpi_load_and_ends_the_job(ckpt):
         _remove_orphaned_mpich_shm(started)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "distload: error (rank 0)" in proc.stderr and "timed out after 3 s" in proc.stderr, proc.stderr
+    assert "distload: error" in proc.stderr and "timed out after 3 s" in proc.stderr, proc.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
 
 
