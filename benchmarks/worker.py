@@ -27,6 +27,9 @@ from .loaders import LOADERS, Ctx, HostToDevice, meta_model
 def _view(args: argparse.Namespace, rank: int) -> Path:
     """This rank's path to the checkpoint: its node's view on the emulated network filesystem."""
     if args.netfs:
+        # Each view is an emulated node: say so, as torchrun's GROUP_RANK would on a cluster, so
+        # the plan spreads files over nodes and accepts a different path on each node.
+        os.environ["GROUP_RANK"] = str(rank // args.ranks_per_node)
         return Path(args.netfs) / f"node{rank // args.ranks_per_node}"
     return Path(args.ckpt)
 
