@@ -12,6 +12,7 @@ same order, which the shared plan guarantees.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -320,3 +321,30 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
 
 def format_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# How long a survivor of a timed-out collective waits for the others to check in.
+SILENT_WAIT_S = 3.0
+
+
+def broken_error(comm: Comm, what: str, phase: str, tag: str, e: BaseException) -> DistLoadError:
+    """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
+
+    A timeout means some rank stopped answering: check in through the
+    transport's side channel for a few seconds and name the ranks that did
+    not. A dead peer (connection reset) is reported at once: the launcher
+    names it and stops the survivors. ``tag`` must be the same on every rank
+    and unique per operation; ``what`` names it ("distload", "distload save").
+    """
+    text = describe(e)
+    failures: dict[int, str] = {comm.rank: text}
+    hint = " (did another rank die or time out?)"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        silent = comm.silent_ranks(f"{tag}.{restart}", SILENT_WAIT_S)
+        if silent:
+            hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
+            failures.update({r: "did not respond" for r in silent})
+    if len(failures) == 1:  # nobody named as silent: the one-line form carries the hint too
+        failures[comm.rank] = text + hint
+    return DistLoadError(f"{what} {phase} failed on rank {comm.rank}: {text}{hint}", phase=phase, failures=failures)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
-from .comm import Comm, TorchComm, describe
+from .comm import broken_error, Comm, TorchComm, describe
 from .convert import Region, keyed_placement
 from .dtensor import has_dtensors, sharded_layouts, shardings
 from .dtypes import plan_dtypes
@@ -44,8 +44,6 @@ from .storage import is_local_storage
 from .transfer import transfer
 
 
-# How long a survivor of a timed-out collective waits for the others to check in.
-SILENT_WAIT_S = 3.0
 _LOAD_SEQ = itertools.count()
 
 
@@ -275,26 +273,8 @@ class _Load:
                     placement.restore()
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
-
-        A timeout means some rank stopped answering: check in through the
-        store for a few seconds and name the ranks that did not. A dead peer
-        (connection reset) is reported at once: the launcher names it, and
-        torchrun stops the survivors within moments of the death.
-        """
-        text = describe(e)
-        failures: dict[int, str] = {self.comm.rank: text}
-        hint = " (did another rank die or time out?)"
-        if "timed out" in text.lower() or "timeout" in text.lower():
-            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            silent = self.comm.silent_ranks(f"{restart}.{self.seq}", SILENT_WAIT_S)
-            if silent:
-                hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
-                failures.update({r: "did not respond" for r in silent})
-        if len(failures) == 1:  # nobody named as silent
-            failures[self.comm.rank] = text + hint  # the CLI's one line carries the hint too
-        return DistLoadError(f"distload {self.phase} failed on rank {self.comm.rank}: {text}{hint}",
-                             phase=self.phase, failures=failures)
+        """(each surviving rank, alone) See :func:`distload.comm.broken_error`."""
+        return broken_error(self.comm, "distload", self.phase, f"load.{self.seq}", e)
 
     def make_plan(self) -> LoadPlan:
         """(all ranks) Exchange rank info; rank 0 validates and plans; all receive the plan."""

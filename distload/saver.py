@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info
-from .comm import Comm, describe, format_traceback
+from .comm import broken_error, Comm, describe, format_traceback
 from .dtensor import is_dtensor, shardings
 from .errors import DistLoadError, add_context
 from .dtypes import TORCH_DTYPES
@@ -37,7 +37,6 @@ from .save_report import SaveReport
 from .writer import OutFile, StagingPool, WriteQueue, commit, remove_stage, stage_dir, write_all, write_small
 
 DEFAULT_BUCKET_MB = 64
-SILENT_WAIT_S = 3.0
 _SAVE_SEQ = itertools.count()
 
 
@@ -442,15 +441,5 @@ class _Save:
             remove_stage(self.stage)
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) The error for a collective that broke instead of agreeing."""
-        text = describe(e)
-        failures = {self.comm.rank: text}
-        hint = " (did another rank die or time out?)"
-        if "timed out" in text.lower() or "timeout" in text.lower():
-            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            silent = self.comm.silent_ranks(f"save.{restart}.{self.seq}", SILENT_WAIT_S)
-            if silent:
-                hint = f"; rank(s) {', '.join(map(str, silent))} did not respond (hung or dead)"
-                failures.update({r: "did not respond" for r in silent})
-        return DistLoadError(f"distload save {self.phase} failed on rank {self.comm.rank}: {text}{hint}",
-                             phase=self.phase, failures=failures)
+        """(each surviving rank, alone) See :func:`distload.comm.broken_error`."""
+        return broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
