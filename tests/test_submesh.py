@@ -46,8 +46,10 @@ def test_a_tensor_on_a_two_rank_submesh_gets_a_send_buffer_of_its_own_ranks(tmp_
         assert set(local) == {name}
         assert torch.equal(local[name], sd[name][half * 32 : (half + 1) * 32])
     seg = 32 * 64 * 4
-    # Rank 0 reads both chunks through two bucket buffers and scatters "a" over
-    # ranks 0-1 (2 segments) and "b" over ranks 0, 2, 3 (3 segments): one send
-    # buffer of 3 segments. A world-sized scatter would need 4.
-    assert results[0][1] == 2 * BUCKET + 3 * seg
+    # Rank 0 reads both chunks through at most two bucket buffers (the second is
+    # made only if the reader runs ahead of the scatter, which is timing) and
+    # scatters "a" over ranks 0-1 (2 segments) and "b" over ranks 0, 2, 3
+    # (3 segments): one send buffer of 3 segments. A world-sized scatter would
+    # need 4, which no bucket count can hide: 4 * seg is not 3 * seg + k * BUCKET.
+    assert results[0][1] - 3 * seg in (BUCKET, 2 * BUCKET), results[0][1]
     assert all(b == 0 for _, b in results[1:]), "receivers land each segment in place"
