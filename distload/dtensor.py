@@ -73,16 +73,63 @@ def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
     return {k: sharding_of(v, group_rank) for k, v in model.state_dict(keep_vars=True).items() if is_dtensor(v)}
 
 
+SubmeshView = tuple[tuple[Sharding, ...], tuple[tuple[int, int], ...]]
+
+
+def submesh_view(model: nn.Module, group, world_size: int) -> SubmeshView | None:
+    """(every rank, locally) This rank's DTensors whose mesh is not the whole group, compactly.
+
+    Rank 0 cannot see these from its own model: with FSDP over "dp" in a
+    dp x tp job, a norm weight lives on one dp submesh per tp column, and
+    each rank's DTensor names only its own. Each rank sends its view with
+    the plan inputs: its distinct meshes and, per such tensor, its position
+    in ``state_dict`` order (equal on every rank, which the model digest
+    checks) with the index of its sharding. None when every mesh is whole.
+    """
+    if not has_dtensors(model):
+        return None
+    distinct: dict[Sharding, int] = {}
+    items = []
+    by_name = shardings(model, group)
+    for pos, name in enumerate(model.state_dict(keep_vars=True)):
+        sharding = by_name.get(name)
+        if sharding is not None and len(sharding.ranks) < world_size:
+            items.append((pos, distinct.setdefault(sharding, len(distinct))))
+    return (tuple(distinct), tuple(items)) if items else None
+
+
+def other_submeshes(model: nn.Module, views: list[SubmeshView | None]) -> dict[str, list[Sharding]]:
+    """(coordinator) Name -> every rank's sharding, for tensors some rank holds on a partial mesh."""
+    names = list(model.state_dict(keep_vars=True))
+    out: dict[str, list[Sharding]] = {}
+    for view in views:
+        if view is None:
+            continue
+        meshes, items = view
+        for pos, idx in items:
+            if pos >= len(names):
+                raise DistLoadError("ranks report DTensors at positions their model does not have; "
+                                    "every rank must build the same model")
+            out.setdefault(names[pos], []).append(meshes[idx])
+    return out
+
+
 def sharded_layouts(model: nn.Module, shapes: dict[str, tuple[int, ...]], wanted: set[str], group,
-                    world_size: int) -> dict[str, Layout]:
+                    world_size: int, submeshes: Mapping[str, list[Sharding]] | None = None) -> dict[str, Layout]:
     """(coordinator) The layout of every wanted DTensor that is not replicated on every rank.
 
     DTensors replicated everywhere are left to the broadcast path.
+    ``submeshes`` adds the other ranks' meshes of tensors held on partial
+    meshes (:func:`other_submeshes`): together they make one layout.
     """
+    submeshes = submeshes or {}
     out = {}
     for name, sharding in shardings(model, group).items():
         if name in shapes and name in wanted:
-            layout = layout_of(shapes[name], sharding, world_size)
+            try:
+                layout = layout_of(shapes[name], [sharding, *submeshes.get(name, ())], world_size)
+            except ValueError as e:
+                raise DistLoadError(f"{name}: {e}; every rank must shard the model the same way") from None
             if not layout.replicated:
                 out[name] = layout
     return out

@@ -28,7 +28,7 @@ from torch import nn
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
 from .comm import broken_error, Comm, TorchComm, describe
 from .convert import Region, keyed_placement
-from .dtensor import has_dtensors, sharded_layouts, shardings
+from .dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, submesh_view
 from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .groups import argument_mismatch, load_arguments
@@ -284,9 +284,11 @@ class _Load:
         def mine() -> tuple:
             nonlocal sig
             sig = model_signature(self.model) if self.model is not None else {}
+            group = self.comm.group if isinstance(self.comm, TorchComm) else None
             return (rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest(),
                     load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb,
-                                   self.subset))
+                                   self.subset),
+                    submesh_view(self.model, group, self.comm.world_size) if self.model is not None else None)
 
         # Any rank's local failure rides in the first gather, so no rank is
         # left waiting for the plan broadcast.
@@ -302,7 +304,7 @@ class _Load:
     def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, KeyMap | None]:
         """(coordinator) Validate the checkpoint against the model and build the plan."""
         digest = gathered[0][1]
-        differ = [r for r, (_, d, _) in enumerate(gathered) if d != digest]
+        differ = [r for r, g in enumerate(gathered) if g[1] != digest]
         if differ:
             raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
                                 "every rank must build the same model")
@@ -317,14 +319,14 @@ class _Load:
         if not has_dtensors(self.model):
             plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted)
             return dataclasses.replace(plan, conversions=tuple(keys.describe())), keys
-        layouts = self._source_layouts(keys)
+        layouts = self._source_layouts(keys, other_submeshes(self.model, [g[3] for g in gathered]))
         plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted - set(layouts))
         sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=self.comm.world_size,
                               bucket_bytes=plan.bucket_bytes, read_policy=self.read_policy,
                               local_storage=is_local_storage(ckpt.root))
         return dataclasses.replace(plan, sharded=sp, conversions=tuple(keys.describe())), keys
 
-    def _source_layouts(self, keys: KeyMap) -> dict[str, Layout]:
+    def _source_layouts(self, keys: KeyMap, submeshes: dict) -> dict[str, Layout]:
         """(coordinator) The layout of every checkpoint key that fills a sharded DTensor.
 
         A key filling a box of a DTensor (one expert of a fused tensor) takes
@@ -335,7 +337,7 @@ class _Load:
         group = self.comm.group if isinstance(self.comm, TorchComm) else None
         model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
         targets = {r.target for r in keys.routes.values()}
-        by_target = sharded_layouts(self.model, model_shapes, targets, group, self.comm.world_size)
+        by_target = sharded_layouts(self.model, model_shapes, targets, group, self.comm.world_size, submeshes)
         layouts = {}
         for ckey, route in keys.routes.items():
             layout = by_target.get(route.target)

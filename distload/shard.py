@@ -149,6 +149,46 @@ class LazyRegions(Sequence):
         return f"LazyRegions({self.shape}, {self.sharding}, world={self.world})"
 
 
+class UnionRegions(Sequence):
+    """Regions of one tensor that ranks hold on several disjoint meshes (replicas of one sharding).
+
+    FSDP over "dp" in a dp x tp job puts a norm weight on one dp submesh per
+    tp column: each rank's DTensor names only its own submesh, and together
+    they hold the tensor once per column. A rank's region comes from the one
+    part whose mesh holds it. Pickled as its parts, so its size is that of
+    the meshes, not the world.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: tuple[LazyRegions, ...]):
+        self.parts = tuple(parts)
+
+    def __len__(self) -> int:
+        return self.parts[0].world
+
+    def __getitem__(self, rank):  # type: ignore[override]
+        if isinstance(rank, slice):
+            return tuple(self[r] for r in range(*rank.indices(len(self))))
+        for part in self.parts:
+            region = part[rank]
+            if region is not None:
+                return region
+        return None
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, UnionRegions) and self.parts == other.parts
+
+    def __hash__(self) -> int:
+        return hash(self.parts)
+
+    def __reduce__(self):
+        return UnionRegions, (self.parts,)
+
+
 @dataclass(frozen=True)
 class Summary:
     """What the planner needs to know about a layout over all ranks, computed once per layout."""
@@ -166,7 +206,7 @@ class Layout:
     """Where every element of one tensor lives: ``regions[r]`` for group rank ``r``.
 
     ``None`` means rank ``r`` is outside the tensor's mesh and holds nothing.
-    ``regions`` is a tuple or a :class:`LazyRegions`; properties over all
+    ``regions`` is a tuple, a :class:`LazyRegions` or a :class:`UnionRegions`; properties over all
     ranks are computed once (:attr:`summary`) and in closed form when the
     sharding allows, so they cost O(mesh size) at most, not O(world x tensors).
     """
@@ -184,6 +224,8 @@ class Layout:
         if isinstance(regions, LazyRegions):
             ranks = regions.sharding.ranks
             return ranks if not ranks or ranks[-1] < regions.world else RankTuple(r for r in ranks if r < regions.world)
+        if isinstance(regions, UnionRegions):
+            return RankTuple(sorted({r for p in regions.parts for r in p.sharding.ranks if r < len(regions)}))
         return RankTuple(r for r, region in enumerate(regions) if region is not None)
 
     @cached_property
@@ -378,6 +420,20 @@ def local_region(shape: tuple[int, ...], sharding: Sharding, coord: tuple[int, .
     return tuple(region)
 
 
-def layout_of(shape: tuple[int, ...], sharding: Sharding, world_size: int) -> Layout:
-    """(any rank) Every rank's region of one tensor, each computed when first looked up."""
-    return Layout(tuple(shape), LazyRegions(tuple(shape), sharding, world_size))
+def layout_of(shape: tuple[int, ...], sharding: Sharding | Sequence[Sharding], world_size: int) -> Layout:
+    """(any rank) Every rank's region of one tensor, each computed when first looked up.
+
+    Several shardings are replicas on disjoint meshes (see :class:`UnionRegions`).
+    """
+    shape = tuple(shape)
+    if isinstance(sharding, Sharding):
+        return Layout(shape, LazyRegions(shape, sharding, world_size))
+    parts = sorted(set(sharding), key=lambda s: s.ranks)
+    if len(parts) == 1:
+        return Layout(shape, LazyRegions(shape, parts[0], world_size))
+    seen: set[int] = set()
+    for s in parts:
+        if seen & set(s.ranks):
+            raise ValueError(f"rank(s) {sorted(seen & set(s.ranks))} are on two different meshes of one tensor")
+        seen |= set(s.ranks)
+    return Layout(shape, UnionRegions(tuple(LazyRegions(shape, s, world_size) for s in parts)))

@@ -98,16 +98,16 @@ def _roundtrip_world(rank, world, ckpt, out):
 
 
 def _mesh2d_world(rank, world, ckpt, out):
-    """FSDP x TP on a 2x2 mesh. Norms and embeddings are sharded over "dp" only, so ranks hold them on
-    different 1-D submeshes; distload's loader cannot fill those yet, so the weights come from
-    from_pretrained and are sharded in place."""
+    """FSDP x TP on a 2x2 mesh, loaded by distload and saved. Norms and embeddings are sharded over "dp"
+    only, so ranks in different tp columns hold them on different 1-D submeshes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    from transformers import LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    model = LlamaForCausalLM.from_pretrained(ckpt)
+    with distload.empty_init():
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(ckpt))
     plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
@@ -115,6 +115,7 @@ def _mesh2d_world(rank, world, ckpt, out):
         parallelize_module(layer, mesh["tp"], plan)
         fully_shard(layer, mesh=mesh["dp"])  # FSDP x TP: _StridedShard on the colwise weights
     fully_shard(model, mesh=mesh["dp"])
+    distload.load_checkpoint(model, ckpt, bucket_mb=BUCKET_MB)
     places = {k: str(v.placements) for k, v in model.state_dict().items() if hasattr(v, "placements")}
     return _save(model, Path(out) / "mesh2d"), places
 

@@ -134,3 +134,22 @@ def test_replicated_halves_of_a_2d_mesh_are_not_sliced_twice():
 
 def test_tmp_is_local_storage(tmp_path):
     assert is_local_storage(tmp_path)
+
+
+def test_replicas_on_disjoint_submeshes_make_one_layout():
+    """FSDP over "dp" in a 2x2 dp x tp job: ranks 0, 2 and ranks 1, 3 each hold the tensor on their own submesh."""
+    import pickle
+
+    from distload.shard import Placement, Sharding, UnionRegions, layout_of
+
+    shard0 = (Placement("shard", 0),)
+    column0, column1 = Sharding((0, 2), (2,), shard0), Sharding((1, 3), (2,), shard0)
+    layout = layout_of((6, 4), [column1, column0], 4)
+    assert isinstance(layout.regions, UnionRegions)
+    assert [layout.regions[r] for r in range(4)] == [(((0, 3),), ((0, 4),)), (((0, 3),), ((0, 4),)),
+                                                     (((3, 6),), ((0, 4),)), (((3, 6),), ((0, 4),))]
+    assert layout.holders == (0, 1, 2, 3) and layout.replication == 2 and not layout.replicated
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    assert layout_of((6, 4), [column0, column0], 4) == layout_of((6, 4), column0, 4)  # one mesh, reported twice
+    with pytest.raises(ValueError, match="two different meshes"):
+        layout_of((6, 4), [column0, Sharding((0, 1), (2,), shard0)], 4)
