@@ -344,7 +344,10 @@ def destroy_process_group() -> None:
 
     import torch.distributed as dist
 
+    from .comm import forget_groups
+
     clear_dtensor_caches()
+    forget_groups()
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -361,7 +364,10 @@ def _release_destroyed_groups() -> None:
     """
     import gc
 
+    from .comm import forget_groups
+
     clear_dtensor_caches()
+    forget_groups()
     gc.collect()
 
 

@@ -259,6 +259,8 @@ class TorchComm(Comm):
         members = tuple(self._global[r] for r in ranks)
         key = (id(c10d._get_default_group()), members)
         group = _SUBGROUPS.get(key)
+        if group is not None and group not in c10d._world.pg_map:  # destroyed: the id may be a new world's
+            group = None
         if group is None:
             group = self._dist.new_group(list(members))
             _SUBGROUPS[key] = group
@@ -317,6 +319,12 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
     side = dist.new_group(ranks, backend="gloo", use_local_synchronization=local, **kw)
     _CONTROL.append((key, side))
     return side
+
+
+def forget_groups() -> None:
+    """(every rank, at destroy) Drop the cached sub-groups and side groups, so none outlives its world."""
+    _SUBGROUPS.clear()
+    _CONTROL.clear()
 
 
 def format_traceback(exc: BaseException) -> str:
