@@ -29,6 +29,8 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)  # checkpoint keys not read: transformers ignores them, or subset
     converted_keys: list[str] = field(default_factory=list)  # checkpoint keys gathered for a conversion op
+    ops_run: list[str] = field(default_factory=list)  # gathered conversions this rank ran (first target key)
+    op_source_bytes: int = 0  # bytes of gathered-op sources that landed on this rank (only op ranks get any)
     warnings: list[str] = field(default_factory=list)
     peak_rss_bytes: int = 0
     chunks: int = 0  # collectives that carried data
