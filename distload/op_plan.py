@@ -47,8 +47,11 @@ def choose_op_ranks(ops: Sequence[GatheredOp], files: Sequence[ShardFile], owner
 
 
 def private_layout(shape: tuple[int, ...], rank: int, world_size: int) -> Layout:
-    """The whole tensor on ``rank``, nothing on any other rank (pickles as shape, rank and world)."""
-    return layout_of(tuple(shape), Sharding((rank,), (1,), (MeshPlacement("replicate"),)), world_size)
+    """The whole tensor on ``rank``, nothing on any other rank (pickles as shape, rank and world).
+
+    A scalar is laid out as one element: scatters and slice reads move rows.
+    """
+    return layout_of(tuple(shape) or (1,), Sharding((rank,), (1,), (MeshPlacement("replicate"),)), world_size)
 
 
 @dataclass(frozen=True)

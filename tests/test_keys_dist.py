@@ -101,8 +101,7 @@ def _world(rank, world, ckpts, mode):
     import distload.fsdp  # noqa: F401  (fully_shard_blocks)
 
     torch.set_num_threads(1)
-    names = list(ckpts) if mode == "replicated" else ["mixtral", "qwen3_moe", "base_into_lm", "dinov2"]
-    out = {name: _one(name, ckpts[name], mode) for name in names}
+    out = {name: _one(name, ckpts[name], mode) for name in ckpts}
     if mode == "fsdp":  # each rank reads its own experts' rows itself
         out["mixtral_slice"] = _one("mixtral", ckpts["mixtral"], mode, read_policy="slice")
     return out
@@ -140,7 +139,7 @@ def test_replicated_load_equals_from_pretrained(runs, name, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("name", ["mixtral", "mixtral_slice", "qwen3_moe", "base_into_lm", "dinov2"])
+@pytest.mark.parametrize("name", CASES + ["mixtral_slice"])
 def test_fsdp2_load_equals_from_pretrained(runs, name, world):
     for rank, res in enumerate(runs[("fsdp", world)]):
         got = res[name]
@@ -192,6 +191,55 @@ def test_conversion_keys_are_reported(runs):
     report = runs[("replicated", 2)][0]["dinov2"]["report"]
     assert sorted(report["converted_keys"]) == [f"encoder.layer.{i}.mlp.weights_in.{w}"
                                                 for i in (0, 1) for w in ("bias", "weight")]
+
+
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_gathered_sources_reach_only_the_op_rank(runs, ckpts, mode):
+    from distload.index import read_checkpoint
+
+    sizes = {t.name: t.nbytes for f in read_checkpoint(ckpts["dinov2"]).files for t in f.tensors}
+    layers = {f"encoder.layer.{i}.mlp.gate_proj.{w}": [f"encoder.layer.{i}.mlp.weights_in.{w}"]
+              for i in (0, 1) for w in ("bias", "weight")}  # one Chunk op per source, by first target
+    for world in (2, 3):
+        reports = [res["dinov2"]["report"] for res in runs[(mode, world)]]
+        ran = [op for r in reports for op in r["ops_run"]]
+        assert sorted(ran) == sorted(layers), ran  # each op once, on one rank
+        for r in reports:  # an op's sources land on its rank alone; the others get only results
+            assert r["op_source_bytes"] == sum(sizes[k] for op in r["ops_run"] for k in layers[op]), r["rank"]
+        assert sum(r["bytes_read"] for r in reports) == sum(sizes.values())  # each byte read once
+
+
+def _failing_op_world(rank, world, path):
+    import time
+
+    import distload
+    from distload.errors import DistLoadError
+    from distload.keys import GatheredOp
+    from transformers import Dinov2Model
+
+    def boom(self, tensors, model):
+        raise RuntimeError("injected op failure")
+
+    GatheredOp.run = boom  # only an op rank ever runs an op
+    with distload.empty_init():
+        model = Dinov2Model(dinov2_config())
+    t0 = time.monotonic()
+    try:
+        distload.load_checkpoint(model, path, bucket_mb=0.004, timeout_s=60)
+    except DistLoadError as e:
+        return str(e), sorted(e.failures), time.monotonic() - t0, all(p.is_meta for p in model.parameters())
+    return None
+
+
+def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(ckpts):
+    results = run_world(_failing_op_world, 2, ckpts["dinov2"], timeout=600)
+    assert all(res is not None for res in results), "every rank must raise"
+    assert len({res[0] for res in results}) == 1, "every rank raises the same error"
+    text, failed, seconds, all_meta = results[0]
+    assert "injected op failure" in text and "Chunk(dim=0)" in text and "encoder.layer.0.mlp.weights_in" in text
+    assert "convert failed on rank" in text and failed
+    for _, _, seconds, all_meta in results:
+        assert seconds < 30 and all_meta
 
 
 def _missing_world(rank, world, path):
