@@ -84,6 +84,9 @@ class LoadReport:
         if self.converted_keys:
             lines.append(f"  keys gathered for a conversion ({len(self.converted_keys)}): "
                          f"{', '.join(self.converted_keys[:8])}" + (" ..." if len(self.converted_keys) > 8 else ""))
+            ran = [(r["rank"], len(r["ops_run"])) for r in self.ranks or [self.to_dict()] if r.get("ops_run")]
+            if ran:
+                lines.append("  conversions run (each by one rank): " + ", ".join(f"rank {r}: {n}" for r, n in ran))
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
