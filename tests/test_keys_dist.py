@@ -104,6 +104,8 @@ def _world(rank, world, ckpts, mode):
     out = {name: _one(name, ckpts[name], mode) for name in ckpts}
     if mode == "fsdp":  # each rank reads its own experts' rows itself
         out["mixtral_slice"] = _one("mixtral", ckpts["mixtral"], mode, read_policy="slice")
+    if (mode, world) == ("fsdp", 3):  # last: they patch distload
+        out.update(_op_cases(ckpts["dinov2"]))
     return out
 
 
@@ -209,13 +211,18 @@ def test_gathered_sources_reach_only_the_op_rank(runs, ckpts, mode):
         assert sum(r["bytes_read"] for r in reports) == sum(sizes.values())  # each byte read once
 
 
-def _failing_op_world(rank, world, path):
+def _op_cases(path: str) -> dict:
+    """Two loads of dinov2: FSDP2 with scatters over the whole group (as over MPI), then one whose op raises."""
     import time
 
     import distload
+    from distload.comm import TorchComm
     from distload.errors import DistLoadError
     from distload.keys import GatheredOp
     from transformers import Dinov2Model
+
+    TorchComm.has_subgroups = property(lambda self: False)  # what MpiComm and partial groups do
+    out = {"whole_group": _one("dinov2", path, "fsdp")}
 
     def boom(self, tensors, model):
         raise RuntimeError("injected op failure")
@@ -226,18 +233,33 @@ def _failing_op_world(rank, world, path):
     t0 = time.monotonic()
     try:
         distload.load_checkpoint(model, path, bucket_mb=0.004, timeout_s=60)
+        out["failed"] = None
     except DistLoadError as e:
-        return str(e), sorted(e.failures), time.monotonic() - t0, all(p.is_meta for p in model.parameters())
-    return None
+        out["failed"] = (str(e), sorted(e.failures), time.monotonic() - t0,
+                         all(p.is_meta for p in model.parameters()))
+    return out
 
 
-def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(ckpts):
-    results = run_world(_failing_op_world, 2, ckpts["dinov2"], timeout=600)
+@pytest.fixture
+def op_runs(runs) -> list[dict]:
+    return runs[("fsdp", 3)]
+
+
+def test_fsdp2_results_scatter_over_the_whole_group_without_subgroups(op_runs):
+    for rank, res in enumerate(op_runs):
+        got = res["whole_group"]
+        assert got["unequal"] == [] and got["same_output"], rank
+        assert sum(len(r["report"]["ops_run"]) for r in (x["whole_group"] for x in op_runs)) == 4
+
+
+def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(op_runs):
+    results = [res["failed"] for res in op_runs]
     assert all(res is not None for res in results), "every rank must raise"
     assert len({res[0] for res in results}) == 1, "every rank raises the same error"
-    text, failed, seconds, all_meta = results[0]
+    text, failed, _, _ = results[0]
     assert "injected op failure" in text and "Chunk(dim=0)" in text and "encoder.layer.0.mlp.weights_in" in text
-    assert "convert failed on rank" in text and failed
+    ran = {r for r, res in enumerate(op_runs) if res["whole_group"]["report"]["ops_run"]}
+    assert "convert failed on rank" in text and failed and set(failed) <= ran  # op ranks (of the first batch)
     for _, _, seconds, all_meta in results:
         assert seconds < 30 and all_meta
 
