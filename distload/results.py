@@ -146,7 +146,8 @@ def _scatter(comm: Comm, name: str, value: torch.Tensor | None, src: int, target
     else:  # the transport scatters over the whole group: ranks outside get padding
         slot, sub, span = {r: r for r in range(comm.world_size)}, comm, comm.world_size
     item = target.element_size()
-    seg = -(-max(layout.local_numel(r) for r in ranks) * item // 8) * 8
+    most = layout.summary.max_rows * layout.summary.max_row_elems if layout.shape else 1  # closed form: no walk
+    seg = -(-most * item // 8) * 8
     mine = target.numel() * item
     send, recv, in_place = None, None, False
     if error is None:

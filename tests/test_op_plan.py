@@ -77,3 +77,4 @@ def test_batches_hold_about_one_bucket_of_sources():
 def test_op_ranks_travel_with_the_plan():
     plan = _plan(3, (2, 0))
     assert pickle.loads(pickle.dumps(plan)).op_ranks == (2, 0)
+    assert "gathered conversions: 2, each run by one rank (rank 0: 1, rank 2: 1)" in plan.describe()
