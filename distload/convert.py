@@ -7,11 +7,9 @@ parameter, a DTensor's local shard, or one expert's slice of a fused
 tensor, maybe non-contiguous), so the transfer loop places converted keys
 with the same ``resolve`` / ``commit`` as any other.
 
-Sources of gathered conversions land in buffers instead; when the last
-byte of an op's sources is committed, transformers' op runs on them, the
-results go into their targets (this rank's region of them for DTensors),
-and the buffers are freed. Extra memory is therefore bounded by the
-conversions whose sources are in flight, each about one target.
+Sources of gathered conversions land in buffers instead, as stored, made
+when their first bytes arrive: only on the op's rank, which takes them
+(:meth:`KeyedPlacement.take_sources`) to run the op (:mod:`distload.results`).
 """
 
 from __future__ import annotations
@@ -68,10 +66,10 @@ def take_region(full: torch.Tensor, region: Region | None) -> torch.Tensor:
 
 
 class KeyedPlacement(Placement):
-    """A placement by checkpoint key that also runs gathered conversions.
+    """A placement by checkpoint key that also holds the sources of gathered conversions.
 
-    ``resolve`` never offers a gathered source's buffer, so every byte of it
-    goes through ``commit``, which counts them and runs the op after the last.
+    ``targets`` (model key -> this rank's tensor) and ``regions`` (this rank's
+    global region of each DTensor) are where the ops' results go.
     """
 
     def __init__(self, dests: dict[str, torch.Tensor], dtypes: dict[str, str], restore, *, key_map: KeyMap,
@@ -81,32 +79,19 @@ class KeyedPlacement(Placement):
         buffers = _LazyBuffers(ops, shapes, dtypes, device)
         buffers.update(dests)
         super().__init__(buffers, dtypes, restore)
-        self.ops, self.model, self.targets, self.regions = ops, model, targets, regions
-        self.remaining = {g.layer: sum(_nbytes(shapes[k], torch_dtype(dtypes[k])) for k in g.sources)
-                          for g in key_map.gathered}
+        self.buffers, self.model, self.targets, self.regions = buffers, model, targets, regions
 
-    def resolve(self, name: str, offset: int, nbytes: int, device: torch.device) -> torch.Tensor | None:
-        if name in self.ops:
-            return None
-        return super().resolve(name, offset, nbytes, device)
-
-    def commit(self, name: str, offset: int, src: torch.Tensor) -> None:
-        super().commit(name, offset, src)
-        g = self.ops.get(name)
-        if g is not None:
-            self.remaining[g.layer] -= src.numel()
-            if not self.remaining[g.layer]:
-                self._convert(g)
-
-    def _convert(self, g: GatheredOp) -> None:
-        made = g.run({k: self.dests[k] for k in g.sources}, self.model)
-        for name in g.targets:
-            value = made[name]
-            if name in self.regions:
-                value = take_region(value, self.regions[name])
-            self.targets[name].copy_(value)
+    def take_sources(self, g: GatheredOp) -> dict[str, torch.Tensor]:
+        """(the op's rank) Its sources' buffers, handed over: the placement keeps no reference."""
+        out = {k: self.dests[k] for k in g.sources}  # a source with no bytes (empty) gets its buffer here
         for k in g.sources:
-            self.dests.pop(k, None)
+            del self.dests[k]
+        return out
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes of gathered-op sources that landed on this rank (buffers made so far)."""
+        return self.buffers.made_bytes
 
 
 class _LazyBuffers(dict):
@@ -115,11 +100,13 @@ class _LazyBuffers(dict):
     def __init__(self, lazy: Mapping[str, GatheredOp], shapes, dtypes, device):
         super().__init__()
         self.lazy, self.shapes, self.dtypes, self.device = lazy, shapes, dtypes, device
+        self.made_bytes = 0
 
     def __missing__(self, key: str) -> torch.Tensor:
         if key not in self.lazy:
             raise KeyError(key)
         t = torch.empty(self.shapes[key], dtype=torch_dtype(self.dtypes[key]), device=self.device)
+        self.made_bytes += t.numel() * t.element_size()
         self[key] = t
         return t
 
@@ -136,10 +123,3 @@ def keyed_placement(placement: Placement, key_map: KeyMap, model: nn.Module, dev
         return Placement(dests, placement.dtypes, placement.restore)
     return KeyedPlacement(dests, placement.dtypes, placement.restore, key_map=key_map, model=model,
                           targets=targets, regions=regions, device=device, shapes=shapes)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n

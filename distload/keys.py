@@ -20,9 +20,9 @@ Every checkpoint key that is used gets one of two fates:
   ``Concatenate``): e.g. expert 3's ``w1`` is ``gate_up_proj[3, :I, :]``.
   Each source is read once, by its file's owner, and lands straight there;
 - a :class:`GatheredOp`: any other conversion (``Transpose``, ``Chunk``,
-  ``PermuteForRope``, ...). The sources of one conversion are gathered in
-  memory, transformers' own op runs on them, and the results are copied into
-  their targets. Memory is bounded by one conversion's tensors.
+  ``PermuteForRope``, ...). One rank gathers the sources of one conversion,
+  transformers' own op runs on them there, and the results travel to their
+  targets as ordinary tensors (:mod:`distload.op_plan`, :mod:`distload.results`).
 
 Note on what transformers ignores:
     ``from_pretrained`` never fails on unexpected keys; it hides some of them

@@ -27,17 +27,19 @@ from torch import nn
 
 from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
 from .comm import broken_error, Comm, TorchComm, describe
-from .convert import Region, keyed_placement
+from .convert import KeyedPlacement, Region, keyed_placement
 from .dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, submesh_view
 from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .groups import argument_mismatch, load_arguments
 from .index import local_root, read_checkpoint
 from .keys import KeyHook, KeyMap, build_key_map
+from .op_plan import choose_op_ranks
 from .place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
 from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
 from .reader import check_io_threads, default_io_threads, open_verified
 from .report import LoadReport, peak_rss_bytes
+from .results import run_gathered
 from .shard import Layout, layout_of
 from .shard_plan import READ_POLICIES, build_shard_plan
 from .storage import is_local_storage
@@ -211,6 +213,9 @@ class _Load:
         self.seq = next(_LOAD_SEQ)  # the same on every rank: all run the same loads in order
         self.state_dict: dict[str, torch.Tensor] = {}
         self.keys = KeyMap()  # how checkpoint keys map onto the model (distload.keys), from rank 0
+        self.submeshes: dict = {}  # other ranks' meshes of gathered ops' targets, from rank 0
+        self.ops_run: list[str] = []  # gathered conversions this rank ran (distload.results)
+        self.op_source_bytes = 0
 
     # ---- phases -------------------------------------------------------------
 
@@ -240,13 +245,20 @@ class _Load:
             assert placement is not None
             self.phase = "transfer"
             bar = _progress_bar(plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0)) \
-                if self.progress else None
+                if self.progress else None  # the gathered ops' sources move after it (distload.results)
             try:
                 bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar,
                                                                  io_threads=self.io_threads)
             finally:
                 if bar is not None:
                     bar.close()
+            if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
+                self.phase = "convert"
+                got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement, fds,
+                                                             self._target_layouts(), io_threads=self.io_threads)
+                bytes_read, chunks, self.buffer_bytes = bytes_read + got, chunks + n, max(self.buffer_bytes,
+                                                                                          buffers)
+                self.op_source_bytes = placement.source_bytes
             seconds = time.perf_counter() - t0
             self.phase = "finish"
             # The report travels in the one gather this phase needs.
@@ -296,13 +308,19 @@ class _Load:
         mismatch = argument_mismatch([g[2] for g in gathered], [g[0].node_key for g in gathered])
         if mismatch is not None:
             raise mismatch
-        plan, keys = self.comm.broadcast_or_raise("plan", lambda: self._plan_on_coordinator(gathered, sig))
+        plan, keys, self.submeshes = self.comm.broadcast_or_raise(
+            "plan", lambda: self._plan_on_coordinator(gathered, sig))
         if keys is not None:
             self.keys = keys
         return plan
 
-    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, KeyMap | None]:
-        """(coordinator) Validate the checkpoint against the model and build the plan."""
+    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, KeyMap | None, dict]:
+        """(coordinator) Validate the checkpoint against the model and build the plan.
+
+        Also returns the other ranks' meshes of gathered ops' targets that
+        some rank holds on a partial mesh (usually none), so that every rank
+        agrees on where the results go (:meth:`_target_layouts`).
+        """
         digest = gathered[0][1]
         differ = [r for r, g in enumerate(gathered) if g[1] != digest]
         if differ:
@@ -313,25 +331,32 @@ class _Load:
         if self.model is None:
             # The dtype each tensor lands in; refusals name the key.
             plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors}, None, self.dtype)
-            return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None
+            return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None, {}
         keys = self._match(ckpt)
-        wanted = set(keys.wanted)
+        # Sources of gathered ops move in their own phase, to their op rank only (distload.results).
+        wanted = set(keys.wanted) - {k for g in keys.gathered for k in g.sources}
+        submeshes = other_submeshes(self.model, [g[3] for g in gathered])
         if not has_dtensors(self.model):
             plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted)
-            return dataclasses.replace(plan, conversions=tuple(keys.describe())), keys
-        layouts = self._source_layouts(keys, other_submeshes(self.model, [g[3] for g in gathered]))
-        plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted - set(layouts))
-        sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=self.comm.world_size,
-                              bucket_bytes=plan.bucket_bytes, read_policy=self.read_policy,
-                              local_storage=is_local_storage(ckpt.root))
-        return dataclasses.replace(plan, sharded=sp, conversions=tuple(keys.describe())), keys
+        else:
+            layouts = self._source_layouts(keys, submeshes)
+            plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted - set(layouts))
+            sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=self.comm.world_size,
+                                  bucket_bytes=plan.bucket_bytes, read_policy=self.read_policy,
+                                  local_storage=is_local_storage(ckpt.root))
+            plan = dataclasses.replace(plan, sharded=sp)
+        op_targets = {t for g in keys.gathered for t in g.targets}
+        plan = dataclasses.replace(plan, conversions=tuple(keys.describe()),
+                                   op_ranks=choose_op_ranks(keys.gathered, plan.files, plan.owners))
+        return plan, keys, {k: v for k, v in submeshes.items() if k in op_targets}
 
     def _source_layouts(self, keys: KeyMap, submeshes: dict) -> dict[str, Layout]:
         """(coordinator) The layout of every checkpoint key that fills a sharded DTensor.
 
         A key filling a box of a DTensor (one expert of a fused tensor) takes
         the DTensor's layout restricted to its box. Sources of gathered
-        conversions, and keys whose piece every rank holds, are broadcast.
+        conversions move in their own phase (distload.results); keys whose
+        piece every rank holds are broadcast.
         """
         assert self.model is not None
         group = self.comm.group if isinstance(self.comm, TorchComm) else None
@@ -423,13 +448,27 @@ class _Load:
 
     def _regions(self) -> dict[str, Region | None]:
         """(every rank, locally) This rank's global region of every DTensor, by model key."""
+        return {k: layout.regions[self.comm.rank] for k, layout in self._layouts().items()}
+
+    def _layouts(self, wanted: set[str] | None = None) -> dict[str, Layout]:
+        """(every rank, locally) Every rank's region of each DTensor (those in ``wanted``), by model key."""
         assert self.model is not None
         if not has_dtensors(self.model):
             return {}
         group = self.comm.group if isinstance(self.comm, TorchComm) else None
         shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
-        return {k: layout_of(shapes[k], sharding, self.comm.world_size).regions[self.comm.rank]
-                for k, sharding in shardings(self.model, group).items()}
+        extra = self.submeshes
+        return {k: layout_of(shapes[k], [sharding, *extra.get(k, ())], self.comm.world_size)
+                for k, sharding in shardings(self.model, group).items() if wanted is None or k in wanted}
+
+    def _target_layouts(self) -> dict[str, Layout]:
+        """(every rank, locally) The layout of every DTensor that a gathered op fills."""
+        return self._layouts({t for g in self.keys.gathered for t in g.targets})
+
+    def _op_bytes(self, plan: LoadPlan) -> int:
+        """Bytes of the gathered ops' sources, which move outside ``plan``'s own items."""
+        sources = {k for g in self.keys.gathered for k in g.sources}
+        return sum(t.nbytes for f in plan.files for t in f.tensors if t.name in sources) if sources else 0
 
     def _report(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
         me = rank_info(self.comm.rank)
@@ -442,7 +481,7 @@ class _Load:
             device=str(self.device),
             files=[f.name for f in plan.files_of(self.comm.rank)],
             bytes_read=bytes_read,
-            total_bytes=plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0),
+            total_bytes=plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0) + self._op_bytes(plan),
             seconds=seconds,
             local_bytes=self.local_bytes,
             read_policy=dict(plan.sharded.policies) if plan.sharded else {},
@@ -450,6 +489,8 @@ class _Load:
             unexpected_keys=[] if self.subset else list(self.keys.unexpected),
             ignored_keys=list(self.keys.ignored) + (list(self.keys.unexpected) if self.subset else []),
             converted_keys=[k for g in self.keys.gathered for k in g.sources],
+            ops_run=list(self.ops_run),
+            op_source_bytes=self.op_source_bytes,
             warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files]
             + ([_missing_warning(self.keys.missing)] if self.keys.missing else []),
             peak_rss_bytes=peak_rss_bytes(),

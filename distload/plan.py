@@ -105,6 +105,7 @@ class LoadPlan:
     moved: bytes | None = None  # bitmap over the tensors in file order: which ones the broadcast moves; None: all
     sharded: ShardPlan | None = None  # DTensor destinations (distload.shard_plan), if any
     conversions: tuple[str, ...] = ()  # how checkpoint keys map onto the model (distload.keys), for --dry-run
+    op_ranks: tuple[int, ...] = ()  # the rank that runs each gathered conversion, in KeyMap order (distload.op_plan)
 
     def __reduce__(self):
         owners = set(self.owners)
@@ -113,7 +114,7 @@ class LoadPlan:
                                            sp.table, sp.which)
         state = (self.root, self.world_size, _pack_files(self.files), self.owners, self.bucket_bytes,
                  tuple(r for r in self.ranks if r.rank in owners), self.missing_in_files, self.warnings,
-                 self.moved, sharded)
+                 self.moved, sharded, self.op_ranks)
         return _unpack_plan, (zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 6),)
 
     @cached_property
@@ -165,6 +166,12 @@ class LoadPlan:
                          f"{sh.total_bytes / 1e9:.3f} GB in {len(sh.scatters)} scatter(s) "
                          f"and {len(sh.slices)} slice read(s)")
         lines.extend(f"keys: {line}" for line in self.conversions)
+        if self.op_ranks:
+            runs: dict[int, int] = {}
+            for r in self.op_ranks:
+                runs[r] = runs.get(r, 0) + 1
+            lines.append(f"gathered conversions: {len(self.op_ranks)}, each run by one rank ("
+                         + ", ".join(f"rank {r}: {n}" for r, n in sorted(runs.items())) + ")")
         where = {r.rank: f" (node {r.node_key}, local rank {r.local_rank})" for r in self.ranks}
         for r in range(self.world_size):
             host = where.get(r, "")
@@ -296,11 +303,11 @@ def _unpack_files(packed: list[tuple]) -> tuple[ShardFile, ...]:
 def _unpack_plan(blob: bytes) -> LoadPlan:
     from .shard_plan import ShardPlan
 
-    root, world, packed, owners, bucket, ranks, missing, warnings, moved, sharded = pickle.loads(
+    root, world, packed, owners, bucket, ranks, missing, warnings, moved, sharded, op_ranks = pickle.loads(
         zlib.decompress(blob))
     files = _unpack_files(packed)
     sp = None if sharded is None else ShardPlan(*sharded[:4], files, owners, *sharded[4:])
-    return LoadPlan(root, world, files, owners, bucket, ranks, missing, warnings, moved, sp)
+    return LoadPlan(root, world, files, owners, bucket, ranks, missing, warnings, moved, sp, op_ranks=op_ranks)
 
 
 def wire_bytes(plan: LoadPlan) -> int:

@@ -29,6 +29,8 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)  # checkpoint keys not read: transformers ignores them, or subset
     converted_keys: list[str] = field(default_factory=list)  # checkpoint keys gathered for a conversion op
+    ops_run: list[str] = field(default_factory=list)  # gathered conversions this rank ran (first target key)
+    op_source_bytes: int = 0  # bytes of gathered-op sources that landed on this rank (only op ranks get any)
     warnings: list[str] = field(default_factory=list)
     peak_rss_bytes: int = 0
     chunks: int = 0  # collectives that carried data
@@ -82,6 +84,9 @@ class LoadReport:
         if self.converted_keys:
             lines.append(f"  keys gathered for a conversion ({len(self.converted_keys)}): "
                          f"{', '.join(self.converted_keys[:8])}" + (" ..." if len(self.converted_keys) > 8 else ""))
+            ran = [(r["rank"], len(r["ops_run"])) for r in self.ranks or [self.to_dict()] if r.get("ops_run")]
+            if ran:
+                lines.append("  conversions run (each by one rank): " + ", ".join(f"rank {r}: {n}" for r, n in ran))
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)

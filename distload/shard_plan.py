@@ -179,10 +179,14 @@ class ShardPlan:
 
     @cached_property
     def policies(self) -> dict[str, str]:
-        """tensor -> "scatter" | "slice"."""
+        """tensor -> "scatter" | "slice" (a tensor that only its file's owner holds is always sliced)."""
         memo: dict[tuple[int, int], str] = {}
         out = {}
-        for _, t, j in self._sharded():
+        for i, t, j in self._sharded():
+            layout = self.table[j]
+            if layout.holders == (self.owners[i],) and layout.sliceable():
+                out[t.name] = "slice"  # only the file's owner holds it: it reads it, no collective needed
+                continue
             key = (j, DTYPE_SIZES[t.dtype])
             if key not in memo:
                 memo[key] = choose_policy(self.table[j], self.read_policy, key[1], self.local_storage)

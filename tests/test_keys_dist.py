@@ -101,10 +101,11 @@ def _world(rank, world, ckpts, mode):
     import distload.fsdp  # noqa: F401  (fully_shard_blocks)
 
     torch.set_num_threads(1)
-    names = list(ckpts) if mode == "replicated" else ["mixtral", "qwen3_moe", "base_into_lm", "dinov2"]
-    out = {name: _one(name, ckpts[name], mode) for name in names}
+    out = {name: _one(name, ckpts[name], mode) for name in ckpts}
     if mode == "fsdp":  # each rank reads its own experts' rows itself
         out["mixtral_slice"] = _one("mixtral", ckpts["mixtral"], mode, read_policy="slice")
+    if (mode, world) == ("fsdp", 3):  # last: they patch distload
+        out.update(_op_cases(ckpts["dinov2"]))
     return out
 
 
@@ -140,7 +141,7 @@ def test_replicated_load_equals_from_pretrained(runs, name, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("name", ["mixtral", "mixtral_slice", "qwen3_moe", "base_into_lm", "dinov2"])
+@pytest.mark.parametrize("name", CASES + ["mixtral_slice"])
 def test_fsdp2_load_equals_from_pretrained(runs, name, world):
     for rank, res in enumerate(runs[("fsdp", world)]):
         got = res[name]
@@ -192,6 +193,75 @@ def test_conversion_keys_are_reported(runs):
     report = runs[("replicated", 2)][0]["dinov2"]["report"]
     assert sorted(report["converted_keys"]) == [f"encoder.layer.{i}.mlp.weights_in.{w}"
                                                 for i in (0, 1) for w in ("bias", "weight")]
+
+
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_gathered_sources_reach_only_the_op_rank(runs, ckpts, mode):
+    from distload.index import read_checkpoint
+
+    sizes = {t.name: t.nbytes for f in read_checkpoint(ckpts["dinov2"]).files for t in f.tensors}
+    layers = {f"encoder.layer.{i}.mlp.gate_proj.{w}": [f"encoder.layer.{i}.mlp.weights_in.{w}"]
+              for i in (0, 1) for w in ("bias", "weight")}  # one Chunk op per source, by first target
+    for world in (2, 3):
+        reports = [res["dinov2"]["report"] for res in runs[(mode, world)]]
+        ran = [op for r in reports for op in r["ops_run"]]
+        assert sorted(ran) == sorted(layers), ran  # each op once, on one rank
+        for r in reports:  # an op's sources land on its rank alone; the others get only results
+            assert r["op_source_bytes"] == sum(sizes[k] for op in r["ops_run"] for k in layers[op]), r["rank"]
+        assert sum(r["bytes_read"] for r in reports) == sum(sizes.values())  # each byte read once
+
+
+def _op_cases(path: str) -> dict:
+    """Two loads of dinov2: FSDP2 with scatters over the whole group (as over MPI), then one whose op raises."""
+    import time
+
+    import distload
+    from distload.comm import TorchComm
+    from distload.errors import DistLoadError
+    from distload.keys import GatheredOp
+    from transformers import Dinov2Model
+
+    TorchComm.has_subgroups = property(lambda self: False)  # what MpiComm and partial groups do
+    out = {"whole_group": _one("dinov2", path, "fsdp")}
+
+    def boom(self, tensors, model):
+        raise RuntimeError("injected op failure")
+
+    GatheredOp.run = boom  # only an op rank ever runs an op
+    with distload.empty_init():
+        model = Dinov2Model(dinov2_config())
+    t0 = time.monotonic()
+    try:
+        distload.load_checkpoint(model, path, bucket_mb=0.004, timeout_s=60)
+        out["failed"] = None
+    except DistLoadError as e:
+        out["failed"] = (str(e), sorted(e.failures), time.monotonic() - t0,
+                         all(p.is_meta for p in model.parameters()))
+    return out
+
+
+@pytest.fixture
+def op_runs(runs) -> list[dict]:
+    return runs[("fsdp", 3)]
+
+
+def test_fsdp2_results_scatter_over_the_whole_group_without_subgroups(op_runs):
+    for rank, res in enumerate(op_runs):
+        got = res["whole_group"]
+        assert got["unequal"] == [] and got["same_output"], rank
+        assert sum(len(r["report"]["ops_run"]) for r in (x["whole_group"] for x in op_runs)) == 4
+
+
+def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(op_runs):
+    results = [res["failed"] for res in op_runs]
+    assert all(res is not None for res in results), "every rank must raise"
+    assert len({res[0] for res in results}) == 1, "every rank raises the same error"
+    text, failed, _, _ = results[0]
+    assert "injected op failure" in text and "Chunk(dim=0)" in text and "encoder.layer.0.mlp.weights_in" in text
+    ran = {r for r, res in enumerate(op_runs) if res["whole_group"]["report"]["ops_run"]}
+    assert "convert failed on rank" in text and failed and set(failed) <= ran  # op ranks (of the first batch)
+    for _, _, seconds, all_meta in results:
+        assert seconds < 30 and all_meta
 
 
 def _missing_world(rank, world, path):

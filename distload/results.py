@@ -1,0 +1,176 @@
+"""(all ranks) Gathered conversions: one rank runs each op, and its results travel as ordinary tensors.
+
+Runs after the main transfer, inside the load's failure handling, one batch
+of ops at a time (:func:`distload.op_plan.op_batches`: consecutive ops, about
+one bucket of source bytes, at least one op):
+
+1. (all ranks) the batch's sources move to their op ranks only, through the
+   ordinary transfer loop (:func:`distload.transfer.transfer`) on the batch's
+   own small plan;
+2. (each op rank) runs transformers' op on its sources (``GatheredOp.run``)
+   and frees them; then every rank agrees, so an op that fails raises the
+   same :class:`DistLoadError` everywhere, naming the op and its keys;
+3. (all ranks) each result goes to its target: a broadcast from the op rank
+   into a replicated target; for a DTensor target a scatter of padded equal
+   segments over its holders (and the op rank), each holder receiving only
+   its own region. A status exchange precedes every collective, as in the
+   transfer loop, so no rank waits in a collective a failed rank skips.
+
+Memory: an op rank holds one batch's sources and results, plus one send
+buffer (about one target); other ranks hold only their own regions, plus
+one landing segment when a region cannot land in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .comm import Comm
+from .convert import KeyedPlacement, take_region
+from .errors import DistLoadError
+from .keys import GatheredOp
+from .op_plan import op_batches
+from .place import byte_view
+from .plan import LoadPlan
+from .shard import Layout
+from .transfer import transfer
+
+PHASE = "convert"
+
+
+def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placement: KeyedPlacement,
+                 fds: dict[int, int], layouts: Mapping[str, Layout],
+                 io_threads: int | None = None) -> tuple[int, int, int, list[str]]:
+    """(all ranks) Run every gathered op on its rank and place the results (see the module doc).
+
+    ``layouts`` holds every rank's region of each DTensor target (by model
+    key); other targets are whole on every rank. Returns (bytes this rank
+    read, collectives, most transfer-buffer bytes of one batch, the ops this
+    rank ran by first target key).
+    """
+    rank = comm.rank
+    read = collectives = buffers = 0
+    ran: list[str] = []
+    for batch in op_batches(plan, ops):
+        fds_of = {k: fds[i] for k, i in enumerate(batch.files) if i in fds}
+        got, n, buf = transfer(comm, batch.plan, placement, fds_of, None, io_threads=io_threads)
+        read, collectives, buffers = read + got, collectives + n, max(buffers, buf)
+        made: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        for i in batch.ops:
+            if plan.op_ranks[i] == rank and error is None:
+                try:
+                    made.update(_run(ops[i], placement))
+                    ran.append(ops[i].layer)
+                except Exception as e:
+                    error = e
+        comm.agree(PHASE, error)
+        for i in batch.ops:
+            for name in ops[i].targets:
+                error = _send(comm, name, made.pop(name, None), plan.op_ranks[i], placement.targets[name],
+                              layouts.get(name), error)
+                collectives += 1
+        comm.agree(PHASE, error)
+    return read, collectives, buffers, ran
+
+
+def _run(g: GatheredOp, placement: KeyedPlacement) -> dict[str, torch.Tensor]:
+    """(the op's rank) The op's results by model key; its sources are freed."""
+    sources = placement.take_sources(g)
+    try:
+        made = g.run(sources, placement.model)
+    except DistLoadError:
+        raise
+    except Exception as e:
+        raise DistLoadError(f"conversion {g.op} failed for checkpoint key(s) {', '.join(g.sources)} -> "
+                            f"{', '.join(g.targets)}: {type(e).__name__}: {e}") from e
+    finally:
+        del sources
+    return {name: made[name] for name in g.targets}
+
+
+def _agree_before(comm: Comm, error: BaseException | None) -> None:
+    """(all ranks) The status exchange before a data collective: raise everywhere if any rank failed."""
+    if comm.failed_ranks(error is not None):
+        comm.raise_agreed(PHASE, error)
+
+
+def _send(comm: Comm, name: str, value: torch.Tensor | None, src: int, target: torch.Tensor,
+          layout: Layout | None, error: BaseException | None) -> BaseException | None:
+    """(all ranks) Move one result from ``src`` (which holds ``value``) into every rank's ``target``."""
+    if layout is None or layout.replicated:
+        return _broadcast(comm, value, src, target, error)
+    return _scatter(comm, name, value, src, target, layout, error)
+
+
+def _broadcast(comm: Comm, value: torch.Tensor | None, src: int, target: torch.Tensor,
+               error: BaseException | None) -> BaseException | None:
+    """A replicated target: the op rank fills its own, then broadcasts its bytes into everyone's."""
+    buf, in_place = None, False
+    if error is None:
+        try:
+            if comm.rank == src:
+                assert value is not None
+                target.copy_(value)  # casts to the model's dtype, as every rank would
+            in_place = target.is_contiguous() and target.device == comm.device
+            if in_place:
+                buf = byte_view(target)
+            else:  # e.g. a CUDA model over MPI, whose collectives move host memory
+                buf = torch.empty(target.numel() * target.element_size(), dtype=torch.uint8, device=comm.device)
+                if comm.rank == src:
+                    buf.copy_(byte_view(target.contiguous()))
+        except Exception as e:
+            error = e
+    _agree_before(comm, error)
+    assert buf is not None
+    comm.broadcast_(buf, src)
+    if comm.rank != src and not in_place:
+        try:
+            target.copy_(buf.view(target.dtype).view(target.shape))
+        except Exception as e:
+            error = e
+    return error
+
+
+def _scatter(comm: Comm, name: str, value: torch.Tensor | None, src: int, target: torch.Tensor,
+             layout: Layout, error: BaseException | None) -> BaseException | None:
+    """A DTensor target: each holder receives its own region, in equal padded segments from the op rank."""
+    rank = comm.rank
+    ranks = tuple(sorted(set(layout.holders) | {src}))
+    if comm.has_subgroups:
+        slot = {r: i for i, r in enumerate(ranks)}
+        sub = comm.subgroup(ranks)  # every rank asks, in the same order: making a group is collective
+        span = len(ranks)
+    else:  # the transport scatters over the whole group: ranks outside get padding
+        slot, sub, span = {r: r for r in range(comm.world_size)}, comm, comm.world_size
+    item = target.element_size()
+    most = layout.summary.max_rows * layout.summary.max_row_elems if layout.shape else 1  # closed form: no walk
+    seg = -(-most * item // 8) * 8
+    mine = target.numel() * item
+    send, recv, in_place = None, None, False
+    if error is None:
+        try:
+            if rank == src:
+                assert value is not None
+                send = torch.empty(span * seg, dtype=torch.uint8, device=comm.device)
+                for r in layout.holders:
+                    piece = take_region(value, layout.regions[r]).to(target.dtype).contiguous()
+                    at = slot[r] * seg
+                    send[at : at + piece.numel() * item].copy_(byte_view(piece))
+            if rank in slot:
+                in_place = mine == seg and target.is_contiguous() and target.device == comm.device
+                recv = byte_view(target) if in_place else torch.empty(seg, dtype=torch.uint8, device=comm.device)
+        except Exception as e:
+            error = e
+    _agree_before(comm, error)
+    if rank in slot:
+        assert sub is not None and recv is not None, f"no scatter group or landing for {name}"
+        sub.scatter_(recv, slot[src], send)
+        if not in_place and layout.regions[rank] is not None:
+            try:
+                target.copy_(recv[:mine].view(target.dtype).view(target.shape))
+            except Exception as e:
+                error = e
+    return error
