@@ -15,10 +15,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-_CTX = mp.get_context("spawn")
+# Children fork from a server that has already imported torch and transformers: each rank then
+# starts in well under a second instead of paying those imports again (seconds of CPU on 2 cores).
+# Each child still gets the parent's current environment (see _child), as spawn would give it.
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "transformers", "transformers.modeling_utils",
+                             "safetensors.torch", "distload"])
 
 
 def _child(fn: Callable, rank: int, world: int, store: str, out: str, args: tuple, kwargs: dict, env: dict) -> None:
+    os.environ.clear()
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     result: tuple[str, Any]
@@ -63,7 +69,8 @@ def run_world(fn: Callable, world: int, *args: Any, timeout: float = 120, env: d
         store = os.path.join(tmp, "store")
         outs = [os.path.join(tmp, f"out{r}.pkl") for r in range(world)]
         procs = [
-            _CTX.Process(target=_child, args=(fn, r, world, store, outs[r], args, kwargs, env or {}), daemon=True)
+            _CTX.Process(target=_child, args=(fn, r, world, store, outs[r], args, kwargs, {**os.environ, **(env or {})}),
+                         daemon=True)
             for r in range(world)
         ]
         for p in procs:
