@@ -233,14 +233,14 @@ def _child_fp8_fsdp(rank, world, path, spec):
     return out
 
 
-def test_fp8_with_scales_loads_into_fsdp2_shards_as_stored(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_fp8_with_scales_loads_into_fsdp2_shards_as_stored(tmp_path, world):
     path = tmp_path / "fp8"
     write_fp8(path)
     want = reference(path)
     spec = _spec(want, torch.bfloat16)
     spec.update({k: (tuple(v.shape), torch.float32) for k, v in want.items() if "scale" in k})
     expect = _cast(want, torch.bfloat16, keep={k for k in want if "scale" in k})
-    world = 2
     results = run_world(_child_fp8_fsdp, world, str(path), spec, timeout=240)
     for r, got in enumerate(results):
         # FSDP2 shards dim 0 as torch.chunk does

@@ -89,6 +89,8 @@ def _raw(t: torch.Tensor) -> bytes:
 def _child(rank, world, snapshot):
     from transformers import AutoConfig, LlamaForCausalLM
 
+    import distload.fsdp
+
     out = {}
     out["by_snapshot"] = {k: _raw(v) for k, v in distload.load_state_dict(snapshot, bucket_mb=0.02).items()}
     out["by_repo_id"] = {k: _raw(v) for k, v in distload.load_state_dict(REPO).items()}
@@ -99,6 +101,10 @@ def _child(rank, world, snapshot):
     out["model"] = {k: _raw(v) for k, v in model.state_dict().items()}
     out["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
     out["files"] = report.files
+    with distload.empty_init():  # FSDP2: each rank receives only its shards from the snapshot
+        sharded = distload.fsdp.fully_shard_blocks(LlamaForCausalLM(cfg))
+    distload.load_checkpoint(sharded, snapshot, bucket_mb=0.02)
+    out["fsdp"] = {k: _raw(v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sharded.state_dict().items()}
     try:
         distload.load_state_dict("org/not-downloaded")
         out["uncached"] = None
@@ -107,16 +113,18 @@ def _child(rank, world, snapshot):
     return out
 
 
-def test_a_snapshot_and_a_repo_id_load_bit_for_bit_at_world_2(hub):
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_snapshot_and_a_repo_id_load_bit_for_bit_replicated_and_fsdp2(hub, world):
     cache, snapshot, ref = hub
     want = {k: _raw(v) for k, v in ref.items()}
-    results = run_world(_child, 2, str(snapshot), timeout=HEAVY, env={"HF_HUB_CACHE": str(cache)})
+    results = run_world(_child, world, str(snapshot), timeout=HEAVY, env={"HF_HUB_CACHE": str(cache)})
     for r, got in enumerate(results):
         assert got["by_snapshot"] == want, f"rank {r}: by snapshot"
         assert got["by_repo_id"] == want, f"rank {r}: by repo id"
         model = got["model"]
         assert got["tied"] and model["lm_head.weight"] == want["model.embed_tokens.weight"]
         assert {k: v for k, v in model.items() if k != "lm_head.weight"} == want
+        assert {k: v for k, v in got["fsdp"].items() if k != "lm_head.weight"} == want, f"rank {r}: FSDP2"
         phase, msg = got["uncached"]
         assert phase == "plan" and "org/not-downloaded is not in the local Hugging Face cache" in msg and "(nor a local path)" in msg
         assert "hf download org/not-downloaded" in msg
