@@ -80,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Load a sharded safetensors checkpoint on every rank, reading each file once per job.",
         epilog=EPILOG, formatter_class=_HelpFormatter,
     )
-    p.add_argument("path", help="checkpoint directory, .safetensors file or *.safetensors.index.json")
+    p.add_argument("path", help="checkpoint directory, .safetensors file, *.safetensors.index.json, "
+                                "or a Hub repo id (org/name) in the local cache")
+    p.add_argument("--revision", default=None,
+                   help="with a Hub repo id: the branch, tag or commit to load from the local cache")
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; none: state dict only; "
                         "pkg.module:factory: call factory() (or factory(path)) under empty_init; "
@@ -144,6 +147,8 @@ def check_args(args: argparse.Namespace) -> Settings:
         raise DistLoadError(f"--bucket-mb must be positive, not {args.bucket_mb:g}")
     if not args.timeout_s > 0:
         raise DistLoadError(f"--timeout-s must be positive, not {args.timeout_s:g}")
+    if args.revision is not None:  # from here on the path is that snapshot (each rank's own cache)
+        args.path = str(resolve_checkpoint(args.path, args.revision))
     model = args.model
     if model == "auto":
         try:

@@ -32,7 +32,7 @@ from .dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, 
 from .dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
 from .groups import argument_mismatch, load_arguments
-from .index import local_root, read_checkpoint
+from .index import local_root, read_checkpoint, resolve_checkpoint
 from .keys import KeyHook, KeyMap, build_key_map
 from .op_plan import choose_op_ranks
 from .place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
@@ -65,6 +65,7 @@ def load_checkpoint(
     io_threads: int | None = None,
     key_map: KeyHook | None = None,
     subset: bool = False,
+    revision: str | None = None,
 ) -> LoadReport:
     """(all ranks) Fill ``model`` from a safetensors checkpoint, reading each file once per job.
 
@@ -111,6 +112,8 @@ def load_checkpoint(
             model with layers removed): checkpoint keys it has no place for are
             neither read nor errors (the report lists them as ignored).
             Every model key must still be filled under ``strict``.
+        revision: with a Hub repo id as ``path``: the branch, tag or commit to
+            load from the local cache (default: the cached ``main``).
 
     Example::
 
@@ -123,7 +126,8 @@ def load_checkpoint(
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
     return _Load(transport, dev, path, strict, bucket_mb, progress, model=model, dtype=dtype,
-                 read_policy=read_policy, io_threads=io_threads, key_map=key_map, subset=subset).run()
+                 read_policy=read_policy, io_threads=io_threads, key_map=key_map, subset=subset,
+                 revision=revision).run()
 
 
 def load_state_dict(
@@ -137,25 +141,28 @@ def load_state_dict(
     progress: bool | None = None,
     comm: str = "torch",
     io_threads: int | None = None,
+    revision: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """(all ranks) Every tensor of the checkpoint, on every rank, as a dict.
 
-    ``dtype`` casts floating-point tensors. Example::
+    ``dtype`` casts floating-point tensors; ``revision`` picks a cached
+    revision of a Hub repo id. Example::
 
         sd = distload.load_state_dict("/ckpt/llama", device="cpu")
     """
     return load_state_dict_with_report(path, device=device, dtype=dtype, bucket_mb=bucket_mb,
                                        timeout_s=timeout_s, process_group=process_group, progress=progress,
-                                       comm=comm, io_threads=io_threads)[0]
+                                       comm=comm, io_threads=io_threads, revision=revision)[0]
 
 
 def load_state_dict_with_report(path, *, device=None, dtype=None, bucket_mb=DEFAULT_BUCKET_MB,
                                 timeout_s=DEFAULT_TIMEOUT_S, process_group=None, progress=None, comm="torch",
-                                io_threads=None):
+                                io_threads=None, revision=None):
     """(all ranks) :func:`load_state_dict`, plus this rank's :class:`LoadReport`."""
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    job = _Load(transport, dev, path, True, bucket_mb, progress, model=None, dtype=dtype, io_threads=io_threads)
+    job = _Load(transport, dev, path, True, bucket_mb, progress, model=None, dtype=dtype, io_threads=io_threads,
+                revision=revision)
     report = job.run()
     return job.state_dict, report
 
@@ -173,6 +180,7 @@ def plan_checkpoint(
     read_policy: str = "auto",
     key_map: KeyHook | None = None,
     subset: bool = False,
+    revision: str | None = None,
 ) -> LoadPlan:
     """(all ranks) The plan a load would follow, without reading tensor data.
 
@@ -185,7 +193,7 @@ def plan_checkpoint(
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
     job = _Load(transport, dev, path, strict, bucket_mb, False, model=model, dtype=None, read_policy=read_policy,
-                key_map=key_map, subset=subset)
+                key_map=key_map, subset=subset, revision=revision)
     return job.make_plan()
 
 
@@ -201,8 +209,9 @@ class _Load:
     def __init__(self, comm: Comm, device: torch.device, path, strict: bool, bucket_mb: float,
                  progress: bool | None, *, model: nn.Module | None, dtype: torch.dtype | None,
                  read_policy: str = "auto", io_threads: int | None = None, key_map: KeyHook | None = None,
-                 subset: bool = False):
+                 subset: bool = False, revision: str | None = None):
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
+        self.revision = revision  # of a Hub repo id: resolved on each rank in the plan phase
         self.io_threads = check_io_threads(default_io_threads() if io_threads is None else io_threads)
         self.read_policy, self.key_hook, self.subset = read_policy, key_map, subset
         self.local_bytes = 0
@@ -295,6 +304,8 @@ class _Load:
 
         def mine() -> tuple:
             nonlocal sig
+            if self.revision is not None:  # this rank's own cache; a miss fails every rank in this gather
+                self.path = resolve_checkpoint(self.path, self.revision)
             sig = model_signature(self.model) if self.model is not None else {}
             group = self.comm.group if isinstance(self.comm, TorchComm) else None
             return (rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest(),

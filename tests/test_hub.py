@@ -94,6 +94,12 @@ def _child(rank, world, snapshot):
     out = {}
     out["by_snapshot"] = {k: _raw(v) for k, v in distload.load_state_dict(snapshot, bucket_mb=0.02).items()}
     out["by_repo_id"] = {k: _raw(v) for k, v in distload.load_state_dict(REPO).items()}
+    out["by_revision"] = {k: _raw(v) for k, v in distload.load_state_dict(REPO, revision=COMMIT).items()}
+    try:
+        distload.load_state_dict(REPO, revision="no-such-branch")
+        out["bad_revision"] = None
+    except distload.DistLoadError as e:
+        out["bad_revision"] = (e.phase, str(e))
     cfg = AutoConfig.from_pretrained(distload.resolve_checkpoint(REPO))
     with distload.empty_init():
         model = LlamaForCausalLM(cfg)
@@ -121,6 +127,9 @@ def test_a_snapshot_and_a_repo_id_load_bit_for_bit_replicated_and_fsdp2(hub, wor
     for r, got in enumerate(results):
         assert got["by_snapshot"] == want, f"rank {r}: by snapshot"
         assert got["by_repo_id"] == want, f"rank {r}: by repo id"
+        assert got["by_revision"] == want, f"rank {r}: by repo id at its commit"
+        phase, msg = got["bad_revision"]  # every rank, in the plan phase, naming the revision
+        assert phase == "plan" and "revision 'no-such-branch'" in msg, msg
         model = got["model"]
         assert got["tied"] and model["lm_head.weight"] == want["model.embed_tokens.weight"]
         assert {k: v for k, v in model.items() if k != "lm_head.weight"} == want
@@ -135,7 +144,7 @@ def test_the_cli_loads_a_repo_id_from_the_cache(hub, tmp_path):
     cache, _, ref = hub
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "distload.load", REPO, "--model", "hf",
+    proc = subprocess.run([sys.executable, "-m", "distload.load", REPO, "--revision", "main", "--model", "hf",
                            "--report", str(tmp_path / "r.json")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=HEAVY, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
