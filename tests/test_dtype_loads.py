@@ -183,14 +183,15 @@ def test_every_dtype_loads_as_stored_bit_for_bit(world, tmp_path):
         assert_bit_identical(got["model_bf16"], _cast(want, torch.bfloat16), f"rank {r} bf16 model")
 
 
-def test_fp8_with_scales_loads_as_stored_under_a_bf16_cast(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_fp8_with_scales_loads_as_stored_under_a_bf16_cast(tmp_path, world):
     path = tmp_path / "fp8"
     write_fp8(path)
     want = reference(path)
     # the model a user builds for it: FP8 weights, F32 scales, norms in bf16
     spec = _spec(want, torch.bfloat16)
     spec.update({k: (tuple(v.shape), torch.float32) for k, v in want.items() if "scale" in k})
-    results = run_world(_child_fp8, 2, str(path), spec, timeout=240)
+    results = run_world(_child_fp8, world, str(path), spec, timeout=240)
     scales = {k for k in want if "scale" in k}
     expect = _cast(want, torch.bfloat16, keep=scales)
     assert {str(v.dtype) for k, v in expect.items() if k in scales} == {"torch.float32"}
