@@ -37,8 +37,12 @@ def has_dtensors(model: nn.Module) -> bool:
     return any(is_dtensor(v) for v in model.state_dict(keep_vars=True).values())
 
 
-def sharding_of(t, group_rank: Callable[[int], int]) -> Sharding:
-    """A DTensor's mesh and placements as plain data; ``group_rank`` maps global ranks."""
+def sharding_of(t, group_rank: Callable[[int], int], meshes: dict | None = None) -> Sharding:
+    """A DTensor's mesh and placements as plain data; ``group_rank`` maps global ranks.
+
+    ``meshes`` caches each mesh's group ranks across calls: thousands of
+    tensors share a few meshes, each as large as the job.
+    """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -54,7 +58,11 @@ def sharding_of(t, group_rank: Callable[[int], int]) -> Sharding:
         else:
             raise DistLoadError(f"cannot load into a DTensor with placement {p}: only Shard and Replicate "
                                 "hold checkpoint values")
-    ranks = tuple(group_rank(int(r)) for r in mesh.mesh.flatten().tolist())
+    ranks = meshes.get(id(mesh)) if meshes is not None else None
+    if ranks is None:
+        ranks = tuple(group_rank(int(r)) for r in mesh.mesh.flatten().tolist())
+        if meshes is not None:
+            meshes[id(mesh)] = ranks
     return Sharding(ranks, tuple(mesh.mesh.shape), tuple(places))
 
 
@@ -70,7 +78,9 @@ def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
             raise DistLoadError(f"a DTensor's mesh holds global rank {g}, which is not in the load's process group")
         return r
 
-    return {k: sharding_of(v, group_rank) for k, v in model.state_dict(keep_vars=True).items() if is_dtensor(v)}
+    meshes: dict = {}  # id(mesh) -> its group ranks; the model keeps every mesh alive meanwhile
+    return {k: sharding_of(v, group_rank, meshes) for k, v in model.state_dict(keep_vars=True).items()
+            if is_dtensor(v)}
 
 
 SubmeshView = tuple[tuple[Sharding, ...], tuple[tuple[int, int], ...]]
