@@ -98,7 +98,36 @@ class RankTuple(tuple):
         return h
 
 
-class LazyRegions(Sequence):
+class PerRank(Sequence):
+    """A read-only sequence indexed by rank whose items are computed on lookup (``_at``).
+
+    Indexing follows tuples (negative ranks, slices, IndexError past the world),
+    so it stands wherever a per-rank tuple would, without building one.
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _at(self, rank: int):
+        raise NotImplementedError
+
+    def __getitem__(self, rank):  # type: ignore[override]
+        n = len(self)
+        if isinstance(rank, slice):
+            return tuple(self._at(r) for r in range(*rank.indices(n)))
+        if rank < 0:
+            rank += n
+        if not 0 <= rank < n:
+            raise IndexError(rank)
+        return self._at(rank)
+
+    def __iter__(self):
+        return (self._at(r) for r in range(len(self)))
+
+
+class LazyRegions(PerRank):
     """Every rank's region of one tensor under one sharding, each computed when first asked for.
 
     What :func:`layout_of` returns as ``Layout.regions``: a world of 16,384
@@ -116,13 +145,7 @@ class LazyRegions(Sequence):
     def __len__(self) -> int:
         return self.world
 
-    def __getitem__(self, rank):  # type: ignore[override]
-        if isinstance(rank, slice):
-            return tuple(self[r] for r in range(*rank.indices(self.world)))
-        if rank < 0:
-            rank += self.world
-        if not 0 <= rank < self.world:
-            raise IndexError(rank)
+    def _at(self, rank: int) -> Region | None:
         try:
             return self._cache[rank]
         except KeyError:
@@ -130,9 +153,6 @@ class LazyRegions(Sequence):
             region = None if coord is None else local_region(self.shape, self.sharding, coord)
             self._cache[rank] = region
             return region
-
-    def __iter__(self):
-        return (self[r] for r in range(self.world))
 
     def __eq__(self, other) -> bool:
         if isinstance(other, LazyRegions):
@@ -149,7 +169,7 @@ class LazyRegions(Sequence):
         return f"LazyRegions({self.shape}, {self.sharding}, world={self.world})"
 
 
-class UnionRegions(Sequence):
+class UnionRegions(PerRank):
     """Regions of one tensor that ranks hold on several disjoint meshes (replicas of one sharding).
 
     FSDP over "dp" in a dp x tp job puts a norm weight on one dp submesh per
@@ -167,17 +187,12 @@ class UnionRegions(Sequence):
     def __len__(self) -> int:
         return self.parts[0].world
 
-    def __getitem__(self, rank):  # type: ignore[override]
-        if isinstance(rank, slice):
-            return tuple(self[r] for r in range(*rank.indices(len(self))))
+    def _at(self, rank: int) -> Region | None:
         for part in self.parts:
-            region = part[rank]
+            region = part._at(rank)
             if region is not None:
                 return region
         return None
-
-    def __iter__(self):
-        return (self[r] for r in range(len(self)))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, UnionRegions) and self.parts == other.parts

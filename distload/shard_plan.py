@@ -37,7 +37,7 @@ from functools import cached_property
 
 from .index import DTYPE_SIZES, ShardFile
 from .plan import Chunk, Piece, interleave
-from .shard import Interval, Layout, RankTuple, intersect, length, position
+from .shard import Interval, Layout, PerRank, RankTuple, intersect, length, position
 
 READ_POLICIES = ("auto", "scatter", "slice")
 # Under "auto" a rank reads its own slice only when the piece is at least this
@@ -116,7 +116,7 @@ class ScatterChunk:
         return _Parts(self, self.plan.world_size if self.plan is not None else 0)
 
 
-class _Parts(Sequence):
+class _Parts(PerRank):
     __slots__ = ("chunk", "world")
 
     def __init__(self, chunk: ScatterChunk, world: int):
@@ -125,13 +125,7 @@ class _Parts(Sequence):
     def __len__(self) -> int:
         return self.world
 
-    def __getitem__(self, rank):  # type: ignore[override]
-        if isinstance(rank, slice):
-            return tuple(self[r] for r in range(*rank.indices(self.world)))
-        if rank < 0:
-            rank += self.world
-        if not 0 <= rank < self.world:
-            raise IndexError(rank)
+    def _at(self, rank: int) -> tuple[Part, ...]:
         return self.chunk.parts_of(rank)
 
 
