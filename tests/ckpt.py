@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors' own single-process read of every ``.safetensors`` file in a directory."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def write_llama(out: Path, *, tie: bool = True, shard: str = "200KB", hidden: int = 64, dtype=torch.float32) -> Path:

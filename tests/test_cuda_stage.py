@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import distload
 import distload.reader
+from ckpt import read_all
 from distload.index import read_checkpoint
 from distload.place import Placement, byte_view, torch_dtype
 from distload.plan import RankInfo, build_plan
@@ -45,13 +45,6 @@ def _write(out: Path) -> Path:
         save_file(ts, str(out / name))
     wm = {k: name for name, ts in files.items() for k in ts}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    return out
-
-
-def _reference(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
     return out
 
 
@@ -133,7 +126,7 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
 def test_stream_and_event_ordering_keeps_every_byte_over_many_small_chunks(ckpt, nccl_world1, monkeypatch, direct):
     monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
     got = _through_stage(ckpt, nccl_world1, bucket_mb=0.05, io_threads=4, staging=3, direct=direct)
-    for k, want in _reference(ckpt).items():
+    for k, want in read_all(ckpt).items():
         assert torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
 
 
@@ -142,7 +135,7 @@ def test_staging_buffers_are_recycled_safely_with_more_threads_than_buffers(ckpt
     monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
     sizes: list[int] = []
     got = _through_stage(ckpt, nccl_world1, bucket_mb=0.3, io_threads=8, staging=staging, direct=False, sizes=sizes)
-    for k, want in _reference(ckpt).items():
+    for k, want in read_all(ckpt).items():
         assert torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
     assert _threads() == []
     allocated, bucket = sizes
@@ -159,14 +152,14 @@ def test_a_failure_mid_stream_closes_the_stage_and_leaves_no_thread(ckpt, nccl_w
 def test_a_cuda_load_is_bit_identical_with_many_threads_and_small_buckets(ckpt, monkeypatch):
     monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
     got = distload.load_state_dict(ckpt, device="cuda", bucket_mb=0.05, io_threads=8)
-    for k, want in _reference(ckpt).items():
+    for k, want in read_all(ckpt).items():
         assert got[k].is_cuda and torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
     assert _threads() == []
 
 
 def test_a_cuda_load_with_a_cast_matches_a_cast_on_the_host(ckpt):
     got = distload.load_state_dict(ckpt, device="cuda", bucket_mb=0.05, io_threads=8, dtype=torch.bfloat16)
-    for k, want in _reference(ckpt).items():
+    for k, want in read_all(ckpt).items():
         want = want.to(torch.bfloat16) if want.is_floating_point() else want
         assert torch.equal(got[k].cpu(), want), k
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import distload
+from ckpt import read_all
 from dist import run_world
 from distload.dtypes import CASTABLE, TORCH_DTYPES
 
@@ -68,13 +69,6 @@ def write_fp8(out: Path) -> None:
     wmap = {k: "model-00001-of-00002.safetensors" for k in first}
     wmap.update({k: "model-00002-of-00002.safetensors" for k in second})
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
-
-
-def reference(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -173,7 +167,7 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype, keep=frozenset()
 def test_every_dtype_loads_as_stored_bit_for_bit(world, tmp_path):
     path = tmp_path / "every"
     write_every_dtype(path)
-    want = reference(path)
+    want = read_all(path)
     assert {v.dtype for v in want.values()} == set(TORCH_DTYPES.values())
     results = run_world(_child_every_dtype, world, str(path), _spec(want), timeout=240)
     for r, got in enumerate(results):
@@ -183,17 +177,22 @@ def test_every_dtype_loads_as_stored_bit_for_bit(world, tmp_path):
         assert_bit_identical(got["model_bf16"], _cast(want, torch.bfloat16), f"rank {r} bf16 model")
 
 
+def _fp8_case(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+    """An FP8 checkpoint with scales, the model spec a user builds for it (FP8 weights, F32 scales,
+    norms in bf16), what a bf16 load must give, and the scale keys."""
+    write_fp8(path)
+    want = read_all(path)
+    scales = {k for k in want if "scale" in k}
+    spec = _spec(want, torch.bfloat16)
+    spec.update({k: (tuple(want[k].shape), torch.float32) for k in scales})
+    return spec, _cast(want, torch.bfloat16, keep=scales), scales
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_fp8_with_scales_loads_as_stored_under_a_bf16_cast(tmp_path, world):
     path = tmp_path / "fp8"
-    write_fp8(path)
-    want = reference(path)
-    # the model a user builds for it: FP8 weights, F32 scales, norms in bf16
-    spec = _spec(want, torch.bfloat16)
-    spec.update({k: (tuple(v.shape), torch.float32) for k, v in want.items() if "scale" in k})
+    spec, expect, scales = _fp8_case(path)
     results = run_world(_child_fp8, world, str(path), spec, timeout=240)
-    scales = {k for k in want if "scale" in k}
-    expect = _cast(want, torch.bfloat16, keep=scales)
     assert {str(v.dtype) for k, v in expect.items() if k in scales} == {"torch.float32"}
     for r, got in enumerate(results):
         assert_bit_identical(got["state_dict"], expect, f"rank {r} state dict")
@@ -237,11 +236,7 @@ def _child_fp8_fsdp(rank, world, path, spec):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fp8_with_scales_loads_into_fsdp2_shards_as_stored(tmp_path, world):
     path = tmp_path / "fp8"
-    write_fp8(path)
-    want = reference(path)
-    spec = _spec(want, torch.bfloat16)
-    spec.update({k: (tuple(v.shape), torch.float32) for k, v in want.items() if "scale" in k})
-    expect = _cast(want, torch.bfloat16, keep={k for k in want if "scale" in k})
+    spec, expect, _ = _fp8_case(path)
     results = run_world(_child_fp8_fsdp, world, str(path), spec, timeout=240)
     for r, got in enumerate(results):
         # FSDP2 shards dim 0 as torch.chunk does

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import distload
 import distload.reader
+from ckpt import read_all
 from dist import run_world
 from distload.reader import BufferPool, split_ranges
 
@@ -40,13 +41,6 @@ def _write_odd(out: Path) -> Path:
         save_file(tensors, str(out / name))
     weight_map = {k: name for name, ts in files.items() for k in ts}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return out
-
-
-def _reference(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
     return out
 
 
@@ -101,7 +95,7 @@ def test_many_threads_land_every_byte_exactly_once(odd, small_splits, monkeypatc
 
     monkeypatch.setattr(distload.reader, "read_exact", recording)
     got = distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=threads)
-    want = _reference(odd)
+    want = read_all(odd)
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
@@ -119,7 +113,7 @@ def test_many_threads_land_every_byte_exactly_once(odd, small_splits, monkeypatc
 
 def test_a_cast_load_through_pool_buffers_is_exact_with_many_threads(odd, small_splits):
     got = distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=8, dtype=torch.float64)
-    for k, w in _reference(odd).items():
+    for k, w in read_all(odd).items():
         want = w.to(torch.float64) if w.is_floating_point() else w
         assert torch.equal(got[k], want), k
 
@@ -233,7 +227,7 @@ def _threaded_world(rank: int, world: int, path: str) -> tuple[dict, list[str]]:
 
 
 def test_a_threaded_world_of_two_is_bit_identical_on_every_rank(odd):
-    want = _reference(odd)
+    want = read_all(odd)
     for got, threads in run_world(_threaded_world, 2, str(odd), timeout=150):
         assert threads == []
         for k in want:
