@@ -40,8 +40,9 @@ def has_dtensors(model: nn.Module) -> bool:
 def sharding_of(t, group_rank: Callable[[int], int], meshes: dict | None = None) -> Sharding:
     """A DTensor's mesh and placements as plain data; ``group_rank`` maps global ranks.
 
-    ``meshes`` caches each mesh's group ranks across calls: thousands of
-    tensors share a few meshes, each as large as the job.
+    ``meshes`` caches each mesh's group ranks and shape across calls:
+    thousands of tensors share a few meshes, each as large as the job, and
+    ``DeviceMesh.mesh`` rebuilds its rank tensor on every access.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -58,12 +59,13 @@ def sharding_of(t, group_rank: Callable[[int], int], meshes: dict | None = None)
         else:
             raise DistLoadError(f"cannot load into a DTensor with placement {p}: only Shard and Replicate "
                                 "hold checkpoint values")
-    ranks = meshes.get(id(mesh)) if meshes is not None else None
-    if ranks is None:
-        ranks = tuple(group_rank(int(r)) for r in mesh.mesh.flatten().tolist())
+    known = meshes.get(id(mesh)) if meshes is not None else None
+    if known is None:
+        grid = mesh.mesh
+        known = tuple(group_rank(int(r)) for r in grid.flatten().tolist()), tuple(grid.shape)
         if meshes is not None:
-            meshes[id(mesh)] = ranks
-    return Sharding(ranks, tuple(mesh.mesh.shape), tuple(places))
+            meshes[id(mesh)] = known
+    return Sharding(*known, tuple(places))
 
 
 def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
@@ -78,7 +80,7 @@ def shardings(model: nn.Module, group=None) -> dict[str, Sharding]:
             raise DistLoadError(f"a DTensor's mesh holds global rank {g}, which is not in the load's process group")
         return r
 
-    meshes: dict = {}  # id(mesh) -> its group ranks; the model keeps every mesh alive meanwhile
+    meshes: dict = {}  # id(mesh) -> (group ranks, shape); the model keeps every mesh alive meanwhile
     return {k: sharding_of(v, group_rank, meshes) for k, v in model.state_dict(keep_vars=True).items()
             if is_dtensor(v)}
 
