@@ -40,8 +40,9 @@ from .plan import Chunk, Piece, interleave
 from .shard import Interval, Layout, PerRank, RankTuple, intersect, length, position
 
 READ_POLICIES = ("auto", "scatter", "slice")
-# Under "auto" a rank reads its own slice only when the piece is at least this
-# big: below it, one coalesced scatter is cheaper than many small reads.
+# Under "auto" a rank reads its own slice when the piece is at least this big;
+# smaller pieces are scattered where they coalesce with a neighbour (one
+# collective for many small reads) and sliced where they would travel alone.
 SLICE_MIN_BYTES = 1 << 20
 
 
@@ -173,7 +174,14 @@ class ShardPlan:
 
     @cached_property
     def policies(self) -> dict[str, str]:
-        """tensor -> "scatter" | "slice" (a tensor that only its file's owner holds is always sliced)."""
+        """tensor -> "scatter" | "slice" (a tensor that only its file's owner holds is always sliced).
+
+        Under ``auto`` on local storage, a small piece is scattered only when
+        its bytes coalesce with a scattered neighbour's. Alone between sliced
+        tensors (a norm between two projections, as transformers writes them)
+        it would cost a collective of its own, every rank in lockstep, for a
+        few KiB that each rank reads itself in microseconds.
+        """
         memo: dict[tuple[int, int], str] = {}
         out = {}
         for i, t, j in self._sharded():
@@ -185,7 +193,27 @@ class ShardPlan:
             if key not in memo:
                 memo[key] = choose_policy(self.table[j], self.read_policy, key[1], self.local_storage)
             out[t.name] = memo[key]
+        if self.read_policy == "auto" and self.local_storage:
+            out.update(dict.fromkeys(self._lone_small_scatters(out), "slice"))
         return out
+
+    def _lone_small_scatters(self, policies: dict[str, str]) -> list[str]:
+        """Sliceable tensors scattered for their size whose bytes touch no other scattered tensor's."""
+        holders = {t.name: self.table[j].holders for _, t, j in self._sharded()}
+        lone = []
+        for f in self.files:
+            row = [t for t in f.tensors if t.nbytes]  # in file order; empty tensors move nothing
+
+            def joins(a, b) -> bool:  # would a and b share a scatter chunk?
+                return (a.end == b.start and policies.get(a.name) == policies.get(b.name) == "scatter"
+                        and holders[a.name] == holders[b.name])
+
+            for k, t in enumerate(row):
+                if policies.get(t.name) != "scatter" or not self.layouts[t.name].sliceable():
+                    continue
+                if not (k > 0 and joins(row[k - 1], t)) and not (k + 1 < len(row) and joins(t, row[k + 1])):
+                    lone.append(t.name)
+        return lone
 
     @cached_property
     def itemsizes(self) -> dict[str, int]:
@@ -306,8 +334,9 @@ def choose_policy(layout: Layout, requested: str, itemsize: int, local_storage: 
     range (``Shard(0)``); otherwise, or when ``scatter`` is requested, the owner
     scatters. ``auto`` slices only on local storage (many concurrent readers
     are cheap there, and DCP-style reads skip the network copy) and only for
-    pieces of at least :data:`SLICE_MIN_BYTES`; on network filesystems one
-    large sequential read per file plus a scatter is faster.
+    pieces of at least :data:`SLICE_MIN_BYTES` (:attr:`ShardPlan.policies`
+    also slices smaller ones that no scatter would coalesce); on network
+    filesystems one large sequential read per file plus a scatter is faster.
     """
     if requested == "scatter" or not layout.sliceable():
         return "scatter"

@@ -127,6 +127,23 @@ def test_auto_slices_big_pieces_on_local_disks_and_scatters_on_network_filesyste
     assert choose_policy(_shard0((16, 16), 2), "auto", 4, local_storage=True) == "scatter"
 
 
+def test_auto_slices_a_small_piece_that_no_scatter_would_coalesce():
+    # As transformers writes a layer: norms between big projections; two norms side by side at the end.
+    world = 2
+    shapes = {"a.norm": (64,), "a.proj": (1024, 1024), "b.norm": (64,), "c.norm": (64,), "d.proj": (1024, 1024)}
+    layouts = {k: _shard0(v, world) for k, v in shapes.items()}
+    f = _file(shapes)
+    local = build_shard_plan((f,), (0,), layouts, world_size=world, bucket_bytes=1 << 20, read_policy="auto")
+    assert local.policies == {"a.norm": "slice", "a.proj": "slice", "b.norm": "scatter", "c.norm": "scatter",
+                              "d.proj": "slice"}
+    assert [[s.name for s in c.slabs] for c in local.scatters] == [["b.norm", "c.norm"]]  # one collective
+    network = build_shard_plan((f,), (0,), layouts, world_size=world, bucket_bytes=1 << 20, read_policy="auto",
+                               local_storage=False)
+    assert set(network.policies.values()) == {"scatter"}
+    asked = build_shard_plan((f,), (0,), layouts, world_size=world, bucket_bytes=1 << 20, read_policy="scatter")
+    assert set(asked.policies.values()) == {"scatter"}
+
+
 def test_replicated_halves_of_a_2d_mesh_are_not_sliced_twice():
     hsdp = layout_of((8, 4), Sharding((0, 1, 2, 3), (2, 2), (Placement("replicate"), Placement("shard", 0))), 4)
     assert not hsdp.sliceable() and hsdp.replication == 2
