@@ -13,10 +13,16 @@ is pure and the same on every rank; each :class:`Step` has a kind:
 - ``slice``: a rank reads its own piece of a tensor; no collective.
 
 Per step, owners read (on a reader thread, ahead of the loop) and every
-rank finds where the bytes land, all inside one ``try``; then a tiny status
-all-reduce lets every rank agree that nothing failed before the data
-collective, so no rank is left blocked in a collective another rank
-skipped. The loop asks the placement only two things: ``resolve`` (can
+rank finds where the bytes land, all inside one ``try``. A tiny status
+all-reduce before the data collective lets every rank agree that nothing
+failed, so no rank is left blocked in a collective another rank skipped.
+On CPU it runs before every :data:`AGREE_EVERY`-th collective only (each
+costs a lockstep round trip, about a millisecond on gloo): a rank whose
+step failed keeps taking part in the collectives up to the next exchange,
+with a stand-in buffer reserved up front, and commits nothing; then every
+rank raises. On GPUs it runs before every collective, over a gloo side
+group, so it never waits for the device (:class:`~distload.comm.TorchComm`).
+The loop asks the placement only two things: ``resolve`` (can
 these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
 names and key conversions stay behind those two calls; the transport never
@@ -28,6 +34,8 @@ or the largest scatter chunk or segment when bigger):
       and received chunks and segments; scatter owners add one send buffer
       (``ScatterChunk.send_bytes``: one segment per rank of the tensor's
       mesh, about B); ranks reading their own slices with a cast add 1 B.
+      A stand-in of about B (2 B on scatter owners) is reserved but never
+      touched unless this rank's step fails: then it takes part with it.
     - CUDA (:class:`~distload.stage.CopyStage`): 3 B of pinned host memory
       for reads (one being copied, one waiting, one being read; +1 B for
       slice reads); on the GPU 2 B taken in turn for staging and receiving
@@ -56,6 +64,9 @@ from .shard_plan import ScatterChunk
 from .stage import CopyStage
 
 BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
+# On CPU, data collectives per status exchange. A failure is agreed at most
+# this many collectives late, which bounds the extra work, never a wait.
+AGREE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -91,9 +102,15 @@ class Transfer:
         self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
         self.io_threads = io_threads
         self.stage: CopyStage | None = None
+        self.read = self.land = self.send = self.slice = None  # BufferPools, made by _pools
+        self.reader = self.slicer = None  # ChunkReaders, made once the pools exist
         self.steps = schedule(plan, comm.rank)
         self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
         self.buffer_bytes = 0
+        # GPU steps are agreed one by one: a stand-in would have to be device memory.
+        self.agree_every = AGREE_EVERY if comm.device.type == "cpu" else 1
+        self._seen = 0  # data collectives reached, the same count on every rank
+        self._spare: torch.Tensor | None = None  # stand-in bytes for a rank whose step failed
 
     # ---- setup ----------------------------------------------------------------
 
@@ -126,6 +143,13 @@ class Transfer:
             self.read, self.land = self.stage.pinned, None
         self.send = BufferPool(1, max([0, *sends]), device)
         self.slice = BufferPool(1, max([0, *slices]), host, pin=not on_host)
+        if self.agree_every > 1:
+            # Reserved, not touched: no resident memory unless a failed step writes into it, and
+            # an allocation that cannot fail later, when a failed rank must still take part.
+            steps = [s for s in self.steps if s.kind != SLICE]
+            need = max([0, *(s.item.nbytes for s in steps if s.kind == BROADCAST),
+                        *(s.item.seg_bytes * (self._segments(s.item) + 1) for s in steps if s.kind == SCATTER)])
+            self._spare = torch.empty(need, dtype=torch.uint8, device=host)
 
     def _segments(self, chunk: ScatterChunk) -> int:
         return len(chunk.ranks) if self.comm.has_subgroups else self.comm.world_size
@@ -136,7 +160,11 @@ class Transfer:
         """(all ranks) Walk every step; returns the bytes this rank read."""
         comm, rank = self.comm, self.comm.rank
         self.groups = self._groups()
-        self._pools()
+        error: BaseException | None = None
+        try:
+            self._pools()
+        except Exception as e:  # agreed before the first collective
+            error = e
         host = torch.device("cpu")
         on_host = comm.device.type == "cpu"
 
@@ -150,14 +178,14 @@ class Transfer:
             p = chunk.pieces[0]
             return self.placement.resolve(p.name, p.tensor_offset, p.nbytes, host)
 
-        mine = [s for s in self.steps if s.item.owner == rank]
+        mine = [s for s in self.steps if s.item.owner == rank] if error is None else []
         ahead = self.stage.read_ahead if self.stage is not None else 1
-        self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                  read_target, io_threads=self.io_threads, ahead=ahead)
-        self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE], self.slice,
-                                  slice_target, io_threads=self.io_threads)
-        error: BaseException | None = None
         try:
+            if error is None:
+                self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
+                                          read_target, io_threads=self.io_threads, ahead=ahead)
+                self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                                          self.slice, slice_target, io_threads=self.io_threads)
             for step in self.steps:
                 if step.kind == SLICE:
                     if step.item.owner == rank and error is None:
@@ -174,14 +202,15 @@ class Transfer:
         finally:
             if self.stage is not None:  # the caller's stream waits for every queued copy and collective
                 self.stage.close()
-            self.slicer.close()
-            self.reader.close()
+            readers = [r for r in (self.slicer, self.reader) if r is not None]
+            for r in readers:
+                r.close()
             pools = [p for p in (self.read, self.land, self.send, self.slice) if p is not None]
-            if self.stage is not None:
+            if self.stage is not None and self.stage.pinned in pools:
                 pools.remove(self.stage.pinned)
             self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in pools}.values()) + (
                 self.stage.allocated_bytes if self.stage is not None else 0)
-        return self.reader.bytes_read + self.slicer.bytes_read
+        return sum(r.bytes_read for r in readers)
 
     def _on_device_queue(self):
         """The collective and unpacking of one step: on CUDA on the stage's comm stream, after its copy."""
@@ -192,9 +221,20 @@ class Transfer:
             self.stage.done(buf)
 
     def _agree_before(self, error: BaseException | None) -> None:
-        """(all ranks) The status exchange before a data collective: raise everywhere if any rank failed."""
-        if self.comm.failed_ranks(error is not None):
+        """(all ranks) Before every ``agree_every``-th data collective: raise everywhere if any rank failed.
+
+        Every rank counts the same collectives, so all exchange together; the
+        first collective is always agreed (it also covers the pools' setup).
+        """
+        due = self._seen % self.agree_every == 0
+        self._seen += 1
+        if due and self.comm.failed_ranks(error is not None):
             self.comm.raise_agreed("transfer", error)
+
+    def _stand_in(self, nbytes: int) -> torch.Tensor:
+        """(a rank whose step failed, CPU) Bytes to take part in a collective with; nobody keeps them."""
+        assert self._spare is not None and nbytes <= self._spare.numel(), "the stand-in was sized from the schedule"
+        return self._spare[:nbytes]
 
     # ---- broadcast ---------------------------------------------------------------
 
@@ -206,6 +246,8 @@ class Transfer:
             except Exception as e:
                 error = e
         self._agree_before(error)
+        if error is not None:  # take part all the same, until the next status exchange
+            buf, landed = self._stand_in(chunk.nbytes), True
         try:
             with self._on_device_queue():
                 self.comm.broadcast_(buf, chunk.owner)
@@ -266,6 +308,10 @@ class Transfer:
             except Exception as e:
                 error = e
         self._agree_before(error)
+        if error is not None and rank in slot:  # take part all the same, until the next status exchange
+            spare = self._stand_in(chunk.seg_bytes * (len(slot) + 1))
+            send = spare[chunk.seg_bytes:] if chunk.owner == rank else None
+            recv, landed = spare[: chunk.seg_bytes], True
         try:
             if rank in slot:
                 assert sub is not None, "a scatter group was not made"

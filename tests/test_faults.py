@@ -65,15 +65,29 @@ class _Sized(nn.Module):
 
 
 def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
-    """(every rank) Load; ``bad_rank``'s second chunk read fails with EIO."""
+    """(every rank) Load; ``bad_rank``'s second chunk read fails with EIO. Counts collectives."""
+    import distload.comm
     import distload.reader
 
+    counts = {"broadcasts": 0, "statuses": 0, "failed_at": None}
+    real_broadcast, real_status = distload.comm.TorchComm.broadcast_, distload.comm.TorchComm.failed_ranks
+
+    def broadcast_(self, buf, src):
+        counts["broadcasts"] += 1
+        return real_broadcast(self, buf, src)
+
+    def failed_ranks(self, failed):
+        counts["statuses"] += 1
+        return real_status(self, failed)
+
+    distload.comm.TorchComm.broadcast_, distload.comm.TorchComm.failed_ranks = broadcast_, failed_ranks
     if rank == bad_rank:
         real, calls = distload.reader.read_exact, [0]
 
         def failing(fd, buf, offset, name):
             calls[0] += 1
             if calls[0] == 2:
+                counts["failed_at"] = counts["broadcasts"]
                 raise OSError(errno.EIO, "Input/output error (injected)")
             return real(fd, buf, offset, name)
 
@@ -83,7 +97,7 @@ def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
         distload.load_state_dict(path, bucket_mb=BUCKET_MB)
         return {"kind": "ok"}
     except Exception as e:
-        return {**_outcome(e, rank), "seconds": time.monotonic() - t0}
+        return {**_outcome(e, rank), "seconds": time.monotonic() - t0, **counts}
 
 
 @pytest.mark.parametrize("world,bad_rank", [(2, 1), (3, 2), (4, 1)])
@@ -102,6 +116,15 @@ def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_r
     bad = results[bad_rank]
     assert bad["cause"] == "OSError" and bad["cause_traceback"], "the original exception is the cause"
     assert all(rec["cause"] is None for r, rec in enumerate(results) if r != bad_rank)
+    # The failed rank kept taking part (every rank made the same broadcasts) up to the next
+    # status exchange: within AGREE_EVERY collectives of the step whose read failed, which
+    # the reader ran at most READ_AHEAD chunks early.
+    from distload.reader import READ_AHEAD
+    from distload.transfer import AGREE_EVERY
+
+    assert len({rec["broadcasts"] for rec in results}) == 1, [rec["broadcasts"] for rec in results]
+    assert bad["failed_at"] is not None and bad["broadcasts"] - bad["failed_at"] <= AGREE_EVERY + READ_AHEAD
+    assert bad["statuses"] < bad["broadcasts"], "status exchanges are batched on CPU"
 
 
 def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:
