@@ -97,9 +97,9 @@ def load_checkpoint(
         read_policy: how DTensor (FSDP2 / TP) shards are read: ``"scatter"``
             (each file's owner reads it and sends every rank its piece),
             ``"slice"`` (each rank reads its own contiguous ``Shard(0)`` piece;
-            other layouts are scattered) or ``"auto"`` (default: slice pieces
-            of at least 1 MiB on local disks, scatter on network or FUSE
-            filesystems). Each byte is read once in every policy; the report's
+            other layouts are scattered) or ``"auto"`` (default: on local
+            disks slice pieces of at least 1 MiB, and smaller ones that no
+            scatter would coalesce; scatter on network or FUSE filesystems). Each byte is read once in every policy; the report's
             ``read_policy`` says what each tensor got.
         io_threads: threads each file owner reads with (default one per core, at most 8).
         key_map: for models that are not transformers models, checkpoint key ->
