@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (config's dtype, else as stored), bf16, fp16 or fp32")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket and transfer size in MiB")
     p.add_argument("--io-threads", type=int, default=None,
-                   help="threads each file owner reads with (default one per core, at most 8)")
+                   help="threads each file owner reads with (default: one per core, at most 8, for a rank's "
+                        "own slice reads; the node's cores shared among its ranks for reads that feed a collective)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail on missing or unexpected keys, or (--no-strict) only report them")
     p.add_argument("--comm", default="torch", choices=COMMS,

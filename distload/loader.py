@@ -37,7 +37,7 @@ from .keys import KeyHook, KeyMap, build_key_map
 from .op_plan import choose_op_ranks
 from .place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
 from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
-from .reader import check_io_threads, default_io_threads, open_verified
+from .reader import check_io_threads, open_verified
 from .report import LoadReport, peak_rss_bytes
 from .results import run_gathered
 from .shard import Layout, layout_of
@@ -101,7 +101,9 @@ def load_checkpoint(
             disks slice pieces of at least 1 MiB, and smaller ones that no
             scatter would coalesce; scatter on network or FUSE filesystems). Each byte is read once in every policy; the report's
             ``read_policy`` says what each tensor got.
-        io_threads: threads each file owner reads with (default one per core, at most 8).
+        io_threads: threads each file owner reads with. Default: one per core (at
+            most 8) for a rank's own slice reads; the node's cores shared among
+            its ranks for reads that feed a broadcast or scatter.
         key_map: for models that are not transformers models, checkpoint key ->
             model key, as a dict (unlisted keys keep their name) or a callable
             (``None`` drops the key), e.g. torchtitan <-> Hugging Face names.
@@ -212,7 +214,8 @@ class _Load:
                  subset: bool = False, revision: str | None = None):
         self.comm, self.device, self.path, self.strict = comm, device, path, strict
         self.revision = revision  # of a Hub repo id: resolved on each rank in the plan phase
-        self.io_threads = check_io_threads(default_io_threads() if io_threads is None else io_threads)
+        self.io_threads = None if io_threads is None else check_io_threads(io_threads)  # None: per reader
+        self.ranks_here = 1  # ranks on this rank's node, from the plan gather (the default read threads)
         self.read_policy, self.key_hook, self.subset = read_policy, key_map, subset
         self.local_bytes = 0
         self.buffer_bytes = 0
@@ -257,14 +260,16 @@ class _Load:
                 if self.progress else None  # the gathered ops' sources move after it (distload.results)
             try:
                 bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar,
-                                                                 io_threads=self.io_threads)
+                                                                 io_threads=self.io_threads,
+                                                                 ranks_here=self.ranks_here)
             finally:
                 if bar is not None:
                     bar.close()
             if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
                 self.phase = "convert"
                 got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement, fds,
-                                                             self._target_layouts(), io_threads=self.io_threads)
+                                                             self._target_layouts(), io_threads=self.io_threads,
+                                                             ranks_here=self.ranks_here)
                 bytes_read, chunks, self.buffer_bytes = bytes_read + got, chunks + n, max(self.buffer_bytes,
                                                                                           buffers)
                 self.op_source_bytes = placement.source_bytes
@@ -319,6 +324,8 @@ class _Load:
         mismatch = argument_mismatch([g[2] for g in gathered], [g[0].node_key for g in gathered])
         if mismatch is not None:
             raise mismatch
+        node = gathered[self.comm.rank][0].node_key
+        self.ranks_here = sum(1 for g in gathered if g[0].node_key == node)
         plan, keys, self.submeshes = self.comm.broadcast_or_raise(
             "plan", lambda: self._plan_on_coordinator(gathered, sig))
         if keys is not None:

@@ -32,9 +32,10 @@ MIN_SPLIT_BYTES = 1 << 20
 READ_AHEAD = 4
 
 
-def default_io_threads() -> int:
-    """Read threads per owner when ``io_threads`` is not given: one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+def default_io_threads(ranks_here: int = 1) -> int:
+    """Read threads per owner when ``io_threads`` is not given: the cores of the node shared by
+    ``ranks_here`` ranks, at least 1 and at most 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, ranks_here)))
 
 
 def check_io_threads(n) -> int:

@@ -42,7 +42,7 @@ PHASE = "convert"
 
 def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placement: KeyedPlacement,
                  fds: dict[int, int], layouts: Mapping[str, Layout],
-                 io_threads: int | None = None) -> tuple[int, int, int, list[str]]:
+                 io_threads: int | None = None, ranks_here: int = 1) -> tuple[int, int, int, list[str]]:
     """(all ranks) Run every gathered op on its rank and place the results (see the module doc).
 
     ``layouts`` holds every rank's region of each DTensor target (by model
@@ -55,7 +55,8 @@ def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placem
     ran: list[str] = []
     for batch in op_batches(plan, ops):
         fds_of = {k: fds[i] for k, i in enumerate(batch.files) if i in fds}
-        got, n, buf = transfer(comm, batch.plan, placement, fds_of, None, io_threads=io_threads)
+        got, n, buf = transfer(comm, batch.plan, placement, fds_of, None, io_threads=io_threads,
+                               ranks_here=ranks_here)
         read, collectives, buffers = read + got, collectives + n, max(buffers, buf)
         made: dict[str, torch.Tensor] = {}
         error: BaseException | None = None

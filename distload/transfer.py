@@ -58,7 +58,7 @@ from .comm import Comm
 from .errors import add_context
 from .place import Placement
 from .plan import Chunk, LoadPlan
-from .reader import BufferPool, ChunkReader
+from .reader import BufferPool, ChunkReader, default_io_threads
 from .scatter import pack
 from .shard_plan import ScatterChunk
 from .stage import CopyStage
@@ -88,9 +88,17 @@ def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
-             progress=None, io_threads: int | None = None) -> tuple[int, int, int]:
-    """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes)."""
-    t = Transfer(comm, plan, placement, fds, progress, io_threads)
+             progress=None, io_threads: int | None = None, ranks_here: int = 1) -> tuple[int, int, int]:
+    """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes).
+
+    ``io_threads`` None picks per reader: a rank's own slice reads are the
+    whole job while they run, and take one thread per core (at most 8);
+    reads that feed a collective only need to stay ahead of it, and take the
+    node's cores shared by its ``ranks_here`` ranks, so the transport keeps
+    its share. (World 2 on 2 cores: replicated 2.90 s with 1 thread per rank
+    against 3.17 s with 2; slice-read FSDP2 1.19 s with 2 against 1.33 s.)
+    """
+    t = Transfer(comm, plan, placement, fds, progress, io_threads, ranks_here)
     return t.run(), t.collectives, t.buffer_bytes
 
 
@@ -98,9 +106,10 @@ class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
     def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None,
-                 io_threads: int | None = None):
+                 io_threads: int | None = None, ranks_here: int = 1):
         self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
-        self.io_threads = io_threads
+        self.feed_threads = io_threads or default_io_threads(ranks_here)  # see transfer()
+        self.slice_threads = io_threads or default_io_threads()
         self.stage: CopyStage | None = None
         self.read = self.land = self.send = self.slice = None  # BufferPools, made by _pools
         self.reader = self.slicer = None  # ChunkReaders, made once the pools exist
@@ -183,9 +192,9 @@ class Transfer:
         try:
             if error is None:
                 self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                          read_target, io_threads=self.io_threads, ahead=ahead)
+                                          read_target, io_threads=self.feed_threads, ahead=ahead)
                 self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
-                                          self.slice, slice_target, io_threads=self.io_threads)
+                                          self.slice, slice_target, io_threads=self.slice_threads)
             for step in self.steps:
                 if step.kind == SLICE:
                     if step.item.owner == rank and error is None:

@@ -145,6 +145,20 @@ def test_no_read_thread_outlives_a_failed_load(odd, small_splits, monkeypatch):
     assert _distload_threads() == []
 
 
+def test_default_read_threads_share_the_nodes_cores_among_its_ranks(monkeypatch):
+    from distload.plan import LoadPlan
+    from distload.transfer import Transfer
+
+    monkeypatch.setattr(distload.reader.os, "cpu_count", lambda: 16)
+    assert [distload.reader.default_io_threads(n) for n in (1, 2, 4, 8, 32)] == [8, 8, 4, 2, 1]
+    comm = distload.comm.LocalComm(torch.device("cpu"))
+    plan = LoadPlan("/ckpt", 1, (), (), 1 << 20)
+    shared = Transfer(comm, plan, None, {}, ranks_here=4)
+    assert (shared.feed_threads, shared.slice_threads) == (4, 8)  # slice reads are the whole job: every core
+    given = Transfer(comm, plan, None, {}, io_threads=3, ranks_here=4)
+    assert (given.feed_threads, given.slice_threads) == (3, 3)
+
+
 def test_io_threads_must_be_a_positive_integer(odd):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(distload.DistLoadError, match="io_threads"):
