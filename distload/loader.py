@@ -99,7 +99,8 @@ def load_checkpoint(
             ``"slice"`` (each rank reads its own contiguous ``Shard(0)`` piece;
             other layouts are scattered) or ``"auto"`` (default: on local
             disks slice pieces of at least 1 MiB, and smaller ones that no
-            scatter would coalesce; scatter on network or FUSE filesystems). Each byte is read once in every policy; the report's
+            scatter would coalesce; scatter on network or FUSE filesystems).
+            Each byte is read once in every policy; the report's
             ``read_policy`` says what each tensor got.
         io_threads: threads each file owner reads with. Default: one per core (at
             most 8) for a rank's own slice reads; the node's cores shared among

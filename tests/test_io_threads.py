@@ -46,7 +46,8 @@ def _write_odd(out: Path) -> Path:
 
 def _distload_threads() -> list[str]:
     """The read and write threads alive (an in-process MPI test in the same worker may leave its comm's waiter)."""
-    return sorted(t.name for t in threading.enumerate() if t.name.startswith(("distload-io-", "distload-reader", "distload-writer")))
+    prefixes = ("distload-io-", "distload-reader", "distload-writer")
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(prefixes))
 
 
 @pytest.fixture
