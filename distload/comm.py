@@ -175,7 +175,7 @@ class LocalComm(Comm):
 
 
 # Sub-groups made for scatters over a tensor's own mesh, by (default group, global ranks).
-_SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
+_SUBGROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}  # -> (that default group, the sub-group)
 
 
 class TorchComm(Comm):
@@ -257,13 +257,17 @@ class TorchComm(Comm):
         from torch.distributed import distributed_c10d as c10d
 
         members = tuple(self._global[r] for r in ranks)
-        key = (id(c10d._get_default_group()), members)
-        group = _SUBGROUPS.get(key)
-        if group is not None and group not in c10d._world.pg_map:  # destroyed: the id may be a new world's
-            group = None
+        world = c10d._get_default_group()
+        key = (id(world), members)
+        cached = _SUBGROUPS.get(key)
+        # Valid only for the same world object (an id can be a new world's). Ranks outside
+        # ``members`` hold torch's non-member marker, which no group map lists, so the cache
+        # must not be checked against one: they would make the group again while its members
+        # reuse theirs, and new_group is collective.
+        group = cached[1] if cached is not None and cached[0] is world else None
         if group is None:
             group = self._dist.new_group(list(members))
-            _SUBGROUPS[key] = group
+            _SUBGROUPS[key] = (world, group)
         return TorchComm(group, self.device) if self.rank in ranks else None
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
