@@ -15,6 +15,7 @@ row-major gather of ``region[0] x region[1] x ...`` in increasing order.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,11 +108,13 @@ class PerRank(Sequence):
 
     __slots__ = ()
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The world size."""
 
+    @abstractmethod
     def _at(self, rank: int):
-        raise NotImplementedError
+        """Rank ``rank``'s item, ``0 <= rank < len(self)``."""
 
     def __getitem__(self, rank):  # type: ignore[override]
         n = len(self)
