@@ -15,8 +15,8 @@ row-major gather of ``region[0] x region[1] x ...`` in increasing order.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
