@@ -257,23 +257,23 @@ class _Load:
             self.comm.agree("open", error)
             assert placement is not None
             self.phase = "transfer"
-            bar = _progress_bar(plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0)) \
-                if self.progress else None  # the gathered ops' sources move after it (distload.results)
+            bar = _progress_bar(self._total_bytes(plan)) if self.progress else None
             try:
                 bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar,
                                                                  io_threads=self.io_threads,
                                                                  ranks_here=self.ranks_here)
+                if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
+                    self.phase = "convert"
+                    got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement,
+                                                                 fds, self._target_layouts(),
+                                                                 io_threads=self.io_threads,
+                                                                 ranks_here=self.ranks_here, progress=bar)
+                    bytes_read, chunks = bytes_read + got, chunks + n
+                    self.buffer_bytes = max(self.buffer_bytes, buffers)
+                    self.op_source_bytes = placement.source_bytes
             finally:
                 if bar is not None:
                     bar.close()
-            if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
-                self.phase = "convert"
-                got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement, fds,
-                                                             self._target_layouts(), io_threads=self.io_threads,
-                                                             ranks_here=self.ranks_here)
-                bytes_read, chunks, self.buffer_bytes = bytes_read + got, chunks + n, max(self.buffer_bytes,
-                                                                                          buffers)
-                self.op_source_bytes = placement.source_bytes
             seconds = time.perf_counter() - t0
             self.phase = "finish"
             # The report travels in the one gather this phase needs.
@@ -484,6 +484,10 @@ class _Load:
         """(every rank, locally) The layout of every DTensor that a gathered op fills."""
         return self._layouts({t for g in self.keys.gathered for t in g.targets})
 
+    def _total_bytes(self, plan: LoadPlan) -> int:
+        """Bytes the load moves: the plan's items, its sharded items, and the gathered ops' sources."""
+        return plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0) + self._op_bytes(plan)
+
     def _op_bytes(self, plan: LoadPlan) -> int:
         """Bytes of the gathered ops' sources, which move outside ``plan``'s own items."""
         sources = {k for g in self.keys.gathered for k in g.sources}
@@ -500,7 +504,7 @@ class _Load:
             device=str(self.device),
             files=[f.name for f in plan.files_of(self.comm.rank)],
             bytes_read=bytes_read,
-            total_bytes=plan.total_bytes + (plan.sharded.total_bytes if plan.sharded else 0) + self._op_bytes(plan),
+            total_bytes=self._total_bytes(plan),
             seconds=seconds,
             local_bytes=self.local_bytes,
             read_policy=dict(plan.sharded.policies) if plan.sharded else {},

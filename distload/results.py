@@ -42,11 +42,13 @@ PHASE = "convert"
 
 def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placement: KeyedPlacement,
                  fds: dict[int, int], layouts: Mapping[str, Layout],
-                 io_threads: int | None = None, ranks_here: int = 1) -> tuple[int, int, int, list[str]]:
+                 io_threads: int | None = None, ranks_here: int = 1,
+                 progress=None) -> tuple[int, int, int, list[str]]:
     """(all ranks) Run every gathered op on its rank and place the results (see the module doc).
 
     ``layouts`` holds every rank's region of each DTensor target (by model
-    key); other targets are whole on every rank. Returns (bytes this rank
+    key); other targets are whole on every rank. ``progress`` (rank 0's
+    bar, or None) advances by the sources' bytes. Returns (bytes this rank
     read, collectives, most transfer-buffer bytes of one batch, the ops this
     rank ran by first target key).
     """
@@ -55,7 +57,7 @@ def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placem
     ran: list[str] = []
     for batch in op_batches(plan, ops):
         fds_of = {k: fds[i] for k, i in enumerate(batch.files) if i in fds}
-        got, n, buf = transfer(comm, batch.plan, placement, fds_of, None, io_threads=io_threads,
+        got, n, buf = transfer(comm, batch.plan, placement, fds_of, progress, io_threads=io_threads,
                                ranks_here=ranks_here)
         read, collectives, buffers = read + got, collectives + n, max(buffers, buf)
         made: dict[str, torch.Tensor] = {}

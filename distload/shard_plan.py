@@ -261,9 +261,13 @@ class ShardPlan:
         return tuple(out)
 
     @property
+    def sliced_bytes(self) -> int:
+        """Bytes of the tensors that ranks read themselves, each tensor once."""
+        return sum(t.nbytes for ts in self._slice_tensors.values() for t in ts)
+
+    @property
     def total_bytes(self) -> int:
-        sliced = sum(t.nbytes for ts in self._slice_tensors.values() for t in ts)
-        return sum(c.nbytes for c in self.scatters) + sliced
+        return sum(c.nbytes for c in self.scatters) + self.sliced_bytes
 
     def bytes_of(self, rank: int) -> int:
         return (sum(c.nbytes for c in self.scatters if c.owner == rank)

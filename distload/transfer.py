@@ -102,6 +102,34 @@ def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, in
     return t.run(), t.collectives, t.buffer_bytes
 
 
+class _Progress:
+    """Bytes for rank 0's bar, job-wide, in whole numbers that sum to the plan's total.
+
+    Collectives count as they complete. Other ranks' slice reads are not
+    visible here, so this rank's own slice reads stand for all of them,
+    scaled up to every sliced tensor's bytes; a rank with none counts them
+    all at the end.
+    """
+
+    def __init__(self, plan: LoadPlan, steps: tuple[Step, ...]):
+        self.sliced = plan.sharded.sliced_bytes if plan.sharded is not None else 0
+        self.own = sum(s.item.nbytes for s in steps if s.kind == SLICE)
+        self.done = self.counted = 0
+
+    def step(self, step: Step) -> int:
+        if step.kind != SLICE:
+            return step.item.nbytes
+        self.done += step.item.nbytes
+        now = self.sliced * self.done // self.own
+        out, self.counted = now - self.counted, now
+        return out
+
+    def rest(self) -> int:
+        """The sliced bytes not yet counted (all of them if this rank read none)."""
+        out, self.counted = self.sliced - self.counted, self.sliced
+        return out
+
+
 class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
@@ -188,6 +216,7 @@ class Transfer:
             return self.placement.resolve(p.name, p.tensor_offset, p.nbytes, host)
 
         mine = [s for s in self.steps if s.item.owner == rank] if error is None else []
+        counter = _Progress(self.plan, self.steps)
         ahead = self.stage.read_ahead if self.stage is not None else 1
         try:
             if error is None:
@@ -202,11 +231,13 @@ class Transfer:
                             self._slice(step.item)
                         except Exception as e:
                             error = e
-                    continue
-                move = self._broadcast if step.kind == BROADCAST else self._scatter
-                error = move(step.item, error)
+                else:
+                    move = self._broadcast if step.kind == BROADCAST else self._scatter
+                    error = move(step.item, error)
                 if self.progress is not None:
-                    self.progress.update(step.item.nbytes)
+                    self.progress.update(counter.step(step))
+            if self.progress is not None:
+                self.progress.update(counter.rest())
             comm.agree("transfer", error)
         finally:
             if self.stage is not None:  # the caller's stream waits for every queued copy and collective

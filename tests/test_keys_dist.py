@@ -77,8 +77,22 @@ def _full(model) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
 
 
+class _Bar:
+    """Stands in for rank 0's progress bar: counts what the load reports."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+
 def _one(name: str, path: str, mode: str, **kw) -> dict:
     import distload
+    import distload.loader
 
     cls, cfg = _classes()[name]
     with distload.empty_init():
@@ -89,12 +103,19 @@ def _one(name: str, path: str, mode: str, **kw) -> dict:
         kw.setdefault("subset", True)
     if mode == "fsdp":
         model = distload.fsdp.fully_shard_blocks(model)
-    report = distload.load_checkpoint(model, path, bucket_mb=0.004, **kw)
+    bars: list[_Bar] = []
+    real_bar = distload.loader._progress_bar
+    distload.loader._progress_bar = lambda total: bars.append(_Bar(total)) or bars[-1]
+    try:
+        report = distload.load_checkpoint(model, path, bucket_mb=0.004, progress=True, **kw)
+    finally:
+        distload.loader._progress_bar = real_bar
     got, want = _full(model), ref.state_dict()
     assert got.keys() == want.keys()
     unequal = [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]))]
     same_output = torch.equal(_output(model, name), _output(ref, name))
-    return {"unequal": unequal, "same_output": same_output, "report": report.to_dict()}
+    return {"unequal": unequal, "same_output": same_output, "report": report.to_dict(),
+            "bar": [(b.total, b.n) for b in bars]}
 
 
 def _world(rank, world, ckpts, mode):
@@ -193,6 +214,16 @@ def test_conversion_keys_are_reported(runs):
     report = runs[("replicated", 2)][0]["dinov2"]["report"]
     assert sorted(report["converted_keys"]) == [f"encoder.layer.{i}.mlp.weights_in.{w}"
                                                 for i in (0, 1) for w in ("bias", "weight")]
+
+
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_rank_0s_progress_bar_counts_every_byte_the_load_moves(runs, mode):
+    """Gathered ops' sources (dinov2) move after the main transfer; the bar counts them too and ends full."""
+    for world in (2, 3):
+        for name, res in runs[(mode, world)][0].items():
+            if name in CASES:
+                assert res["bar"] == [(res["report"]["total_bytes"],) * 2], (name, world)
+        assert all(res["bar"] == [] for r in runs[(mode, world)][1:] for n, res in r.items() if n in CASES)
 
 
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])

@@ -146,6 +146,28 @@ def test_the_schedule_lists_broadcasts_then_scatters_then_slices():
     assert len(sp.scatters) == 1 and len(sp.slices) == 2
 
 
+def test_rank_0s_bar_counts_every_planned_byte_whatever_slices_it_reads_itself():
+    import dataclasses
+
+    from distload.index import Checkpoint
+    from distload.transfer import _Progress
+
+    files = (_file("a.safetensors", [("p", (4,)), ("s", (4, 1024)), ("t", (5, 512))]),)
+    ranks = [RankInfo(r, "h", r) for r in range(3)]
+    plan = build_plan(Checkpoint("/x", files, (), ()), ranks, bucket_mb=1, wanted={"p"})
+    rows = Sharding((0, 1), (2,), (MeshPlacement("shard", 0),))  # rank 2 holds neither: no slices
+    layouts = {"s": layout_of((4, 1024), rows, 3), "t": layout_of((5, 512), rows, 3)}  # t: 3 rows and 2
+    sp = build_shard_plan(plan.files, plan.owners, layouts, world_size=3, bucket_bytes=plan.bucket_bytes,
+                          read_policy="slice")
+    full = dataclasses.replace(plan, sharded=sp)
+    assert not sp.slices_of(2) and sp.slices_of(0) and sp.slices_of(1)
+    for rank in range(3):
+        steps = schedule(full, rank)
+        counter = _Progress(full, steps)
+        counts = [counter.step(s) for s in steps] + [counter.rest()]
+        assert min(counts) >= 0 and sum(counts) == plan.total_bytes + sp.total_bytes, rank
+
+
 def test_a_single_process_load_uses_the_same_loop(tmp_path):
     from safetensors.torch import save_file
 
