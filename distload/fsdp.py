@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bootstrap import init_distributed
+from .transport.bootstrap import init_distributed
 from .errors import DistLoadError
 
 

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
-from .bootstrap import (COMMS, DEFAULT_TIMEOUT_S, destroy_process_group, detect_launch, init_distributed, local_rank,
+from .transport.bootstrap import (COMMS, DEFAULT_TIMEOUT_S, destroy_process_group, detect_launch, init_distributed, local_rank,
                         make_comm, resolve_device)
-from .index import resolve_checkpoint
+from .format.index import resolve_checkpoint
 from .loader import load_state_dict_with_report
-from .plan import DEFAULT_BUCKET_MB
-from .shard_plan import READ_POLICIES
+from .plan.load_plan import DEFAULT_BUCKET_MB
+from .plan.shard_plan import READ_POLICIES
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -423,7 +423,7 @@ def _launch_rank() -> int:
 
 def _print_plan_cost(args: argparse.Namespace) -> int:
     """(one process, no process group) Plan size and planning time at an emulated world size."""
-    from .dryrun import measure
+    from .plan.dryrun import measure
 
     if not args.dry_run or args.world < 1:
         raise DistLoadError("--world N needs --dry-run and N >= 1")

@@ -25,25 +25,25 @@ import warnings
 import torch
 from torch import nn
 
-from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
-from .comm import broken_error, Comm, TorchComm, describe
-from .convert import KeyedPlacement, Region, keyed_placement
-from .dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, submesh_view
-from .dtypes import plan_dtypes
+from .transport.bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
+from .transport.comm import broken_error, Comm, TorchComm, describe
+from .model.convert import KeyedPlacement, Region, keyed_placement
+from .model.dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, submesh_view
+from .format.dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
-from .groups import argument_mismatch, load_arguments
-from .index import local_root, read_checkpoint, resolve_checkpoint
-from .keys import KeyHook, KeyMap, build_key_map
-from .op_plan import choose_op_ranks
-from .place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
-from .plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
-from .reader import check_io_threads, open_verified
+from .transport.groups import argument_mismatch, load_arguments
+from .format.index import local_root, read_checkpoint, resolve_checkpoint
+from .plan.keys import KeyHook, KeyMap, build_key_map
+from .plan.op_plan import choose_op_ranks
+from .model.place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
+from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
+from .io.reader import check_io_threads, open_verified
 from .report import LoadReport, peak_rss_bytes
-from .results import run_gathered
-from .shard import Layout, layout_of
-from .shard_plan import READ_POLICIES, build_shard_plan
-from .storage import is_local_storage
-from .transfer import transfer
+from .transfer.results import run_gathered
+from .plan.shard import Layout, layout_of
+from .plan.shard_plan import READ_POLICIES, build_shard_plan
+from .format.mounts import is_local_storage
+from .transfer.loop import transfer
 
 
 _LOAD_SEQ = itertools.count()

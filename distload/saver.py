@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info
-from .comm import broken_error, Comm, describe, format_traceback
-from .dtensor import is_dtensor, shardings
+from .transport.bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info
+from .transport.comm import broken_error, Comm, describe, format_traceback
+from .model.dtensor import is_dtensor, shardings
 from .errors import DistLoadError, add_context
-from .dtypes import TORCH_DTYPES
+from .format.dtypes import TORCH_DTYPES
 from .report import peak_rss_bytes
-from .save_keys import output_tensors, signature, state_tensors
-from .save_plan import INDEX_NAME, Chunk, SavePlan, build_plan, contributions, local_box, parse_size
+from .model.save_keys import output_tensors, signature, state_tensors
+from .plan.save_plan import INDEX_NAME, Chunk, SavePlan, build_plan, contributions, local_box, parse_size
 from .save_report import SaveReport
-from .writer import OutFile, StagingPool, WriteQueue, commit, remove_stage, stage_dir, write_all, write_small
+from .io.writer import OutFile, StagingPool, WriteQueue, commit, remove_stage, stage_dir, write_all, write_small
 
 DEFAULT_BUCKET_MB = 64
 _SAVE_SEQ = itertools.count()

@@ -59,7 +59,7 @@ def main() -> int:
     out_dir, cli_args = Path(sys.argv[1]), sys.argv[2:]
     sys.path.insert(0, str(Path(__file__).parent))
     import cli_check  # the module the CLI's factory records into (this file runs as __main__)
-    from distload.bootstrap import detect_launch
+    from distload.transport.bootstrap import detect_launch
     from distload.load import main as cli_main
 
     launch = detect_launch()

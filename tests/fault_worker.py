@@ -28,10 +28,10 @@ def main() -> int:
     args, cli = p.parse_args(argv[:cut]), argv[cut + 1 :]  # after --: options for python -m distload.load
 
     import distload.load
-    import distload.reader
+    import distload.io.reader
 
     if int(os.environ["RANK"]) == args.fault_rank:
-        real, calls = distload.reader.read_exact, [0]
+        real, calls = distload.io.reader.read_exact, [0]
 
         def faulty(*a, **kw):
             calls[0] += 1
@@ -42,7 +42,7 @@ def main() -> int:
                 time.sleep(3600)
             return real(*a, **kw)
 
-        distload.reader.read_exact = faulty
+        distload.io.reader.read_exact = faulty
     return distload.load.main([args.ckpt, *cli])
 
 

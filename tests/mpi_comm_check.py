@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from distload import DistLoadError
-from distload.comm_mpi import MpiComm
+from distload.transport.mpi import MpiComm
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from distload.comm_mpi import MpiComm, stranded
+from distload.transport.mpi import MpiComm, stranded
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ def main() -> int:
     from transformers import AutoConfig, LlamaForCausalLM
 
     import distload
-    import distload.writer
+    import distload.io.writer
 
     distload.init_distributed("cpu", timeout_s=30)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -33,7 +33,7 @@ def main() -> int:
     fully_shard(model, mesh=mesh)
     distload.load_checkpoint(model, ckpt, bucket_mb=0.01)
     if rank == 1:
-        real, calls = distload.writer._pwrite, [0]
+        real, calls = distload.io.writer._pwrite, [0]
 
         def dying(fd, data, offset):
             calls[0] += 1
@@ -42,7 +42,7 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(fd, data, offset)
 
-        distload.writer._pwrite = dying
+        distload.io.writer._pwrite = dying
     try:
         distload.save_checkpoint(model, out, max_shard_size="100KB", bucket_mb=0.01)
     except distload.DistLoadError as e:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from distload import DistLoadError
-from distload import bootstrap
-from distload.bootstrap import LaunchEnv, detect_launch, first_host, node_key, slurm_port
+from distload.transport import bootstrap
+from distload.transport.bootstrap import LaunchEnv, detect_launch, first_host, node_key, slurm_port
 
 # What `srun -N2 -n8` exports to task 5 (the second node's second task).
 SLURM_TASK = {
@@ -177,8 +177,8 @@ def test_unknown_transport_is_a_clear_error():
 def test_ranks_on_one_host_with_two_node_keys_are_planned_as_two_nodes(tmp_path):
     """The multi-node emulation: same hostname, two torchrun agents -> files on both 'nodes'."""
     from ckpt import write_synthetic
-    from distload.index import read_checkpoint
-    from distload.plan import RankInfo, build_plan
+    from distload.format.index import read_checkpoint
+    from distload.plan.load_plan import RankInfo, build_plan
 
     ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
     ranks = [RankInfo(r, "vm", r % 2, node=f"vm/{r // 2}") for r in range(4)]
@@ -190,8 +190,8 @@ def test_ranks_on_one_host_with_two_node_keys_are_planned_as_two_nodes(tmp_path)
 
 def test_without_node_keys_ranks_on_one_host_form_one_node(tmp_path):
     from ckpt import write_synthetic
-    from distload.index import read_checkpoint
-    from distload.plan import RankInfo, assign_files
+    from distload.format.index import read_checkpoint
+    from distload.plan.load_plan import RankInfo, assign_files
 
     ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
     one_host = assign_files(ckpt.files, [RankInfo(r, "vm", r) for r in range(4)])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distload.index import read_checkpoint
+from distload.format.index import read_checkpoint
 
 TIMEOUT = 300
 
@@ -62,8 +62,8 @@ FACTORY = textwrap.dedent('''
     import torch
     from torch import nn
 
-    from distload.index import read_checkpoint
-    from distload.dtypes import torch_dtype
+    from distload.format.index import read_checkpoint
+    from distload.format.dtypes import torch_dtype
 
     FIXED_PATH = {fixed!r}
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import distload
-import distload.reader
+import distload.io.reader
 from ckpt import read_all
-from distload.index import read_checkpoint
-from distload.place import Placement, byte_view, torch_dtype
-from distload.plan import RankInfo, build_plan
-from distload.reader import ChunkReader, open_verified
+from distload.format.index import read_checkpoint
+from distload.model.place import Placement, byte_view, torch_dtype
+from distload.plan.load_plan import RankInfo, build_plan
+from distload.io.reader import ChunkReader, open_verified
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -78,7 +78,7 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
                    fail_at: int = 0, sizes: list | None = None) -> dict[str, torch.Tensor]:
     """Walk the schedule as the loop does: threads read into pinned staging, the copy stream
     uploads, the comm stream broadcasts (NCCL) and unpacks into device destinations."""
-    from distload.stage import CopyStage
+    from distload.io.stage import CopyStage
 
     dev = torch.device("cuda", 0)
     plan = build_plan(read_checkpoint(path), [RankInfo(0, "h", 0)], bucket_mb=bucket_mb)
@@ -124,7 +124,7 @@ def _through_stage(path: Path, dist, *, bucket_mb: float, io_threads: int, stagi
 
 @pytest.mark.parametrize("direct", [False, True])
 def test_stream_and_event_ordering_keeps_every_byte_over_many_small_chunks(ckpt, nccl_world1, monkeypatch, direct):
-    monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
+    monkeypatch.setattr(distload.io.reader, "MIN_SPLIT_BYTES", SPLIT)
     got = _through_stage(ckpt, nccl_world1, bucket_mb=0.05, io_threads=4, staging=3, direct=direct)
     for k, want in read_all(ckpt).items():
         assert torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
@@ -132,7 +132,7 @@ def test_stream_and_event_ordering_keeps_every_byte_over_many_small_chunks(ckpt,
 
 @pytest.mark.parametrize("staging", [1, 2])
 def test_staging_buffers_are_recycled_safely_with_more_threads_than_buffers(ckpt, nccl_world1, monkeypatch, staging):
-    monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
+    monkeypatch.setattr(distload.io.reader, "MIN_SPLIT_BYTES", SPLIT)
     sizes: list[int] = []
     got = _through_stage(ckpt, nccl_world1, bucket_mb=0.3, io_threads=8, staging=staging, direct=False, sizes=sizes)
     for k, want in read_all(ckpt).items():
@@ -150,7 +150,7 @@ def test_a_failure_mid_stream_closes_the_stage_and_leaves_no_thread(ckpt, nccl_w
 
 
 def test_a_cuda_load_is_bit_identical_with_many_threads_and_small_buckets(ckpt, monkeypatch):
-    monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
+    monkeypatch.setattr(distload.io.reader, "MIN_SPLIT_BYTES", SPLIT)
     got = distload.load_state_dict(ckpt, device="cuda", bucket_mb=0.05, io_threads=8)
     for k, want in read_all(ckpt).items():
         assert got[k].is_cuda and torch.equal(got[k].cpu().view(torch.uint8), want.view(torch.uint8)), k
@@ -165,8 +165,8 @@ def test_a_cuda_load_with_a_cast_matches_a_cast_on_the_host(ckpt):
 
 
 def test_a_read_error_on_the_cuda_path_raises_the_agreed_error_and_leaves_no_thread(ckpt, monkeypatch):
-    monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
-    real, calls = distload.reader.read_exact, [0]
+    monkeypatch.setattr(distload.io.reader, "MIN_SPLIT_BYTES", SPLIT)
+    real, calls = distload.io.reader.read_exact, [0]
     lock = threading.Lock()
 
     def failing(fd, buf, offset, name):
@@ -177,7 +177,7 @@ def test_a_read_error_on_the_cuda_path_raises_the_agreed_error_and_leaves_no_thr
             raise OSError(errno.EIO, "Input/output error (injected)")
         return real(fd, buf, offset, name)
 
-    monkeypatch.setattr(distload.reader, "read_exact", failing)
+    monkeypatch.setattr(distload.io.reader, "read_exact", failing)
     with pytest.raises(distload.DistLoadError, match="injected") as info:
         distload.load_state_dict(ckpt, device="cuda", bucket_mb=0.05, io_threads=8)
     assert ".safetensors bytes" in str(info.value) and isinstance(info.value.__cause__, OSError)

@@ -18,7 +18,7 @@ from torch import nn
 import distload
 from ckpt import read_all
 from dist import run_world
-from distload.dtypes import CASTABLE, TORCH_DTYPES
+from distload.format.dtypes import CASTABLE, TORCH_DTYPES
 
 TINY_MB = 1024 / (1 << 20)  # 1 KiB buckets: tensors split into segments and coalesced into buckets
 

@@ -1,4 +1,4 @@
-"""Pure tests of distload/dtypes.py: the dtype table and the casting rule."""
+"""Pure tests of distload/format/dtypes.py: the dtype table and the casting rule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import _TYPES as SAFETENSORS_TORCH_TYPES
 
 from distload import DistLoadError
-from distload.dtypes import (
+from distload.format.dtypes import (
     CASTABLE,
     DTYPES,
     TORCH_DTYPES,

@@ -66,11 +66,11 @@ class _Sized(nn.Module):
 
 def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
     """(every rank) Load; ``bad_rank``'s second chunk read fails with EIO. Counts collectives."""
-    import distload.comm
-    import distload.reader
+    import distload.transport.comm
+    import distload.io.reader
 
     counts = {"broadcasts": 0, "statuses": 0, "failed_at": None}
-    real_broadcast, real_status = distload.comm.TorchComm.broadcast_, distload.comm.TorchComm.failed_ranks
+    real_broadcast, real_status = distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.failed_ranks
 
     def broadcast_(self, buf, src):
         counts["broadcasts"] += 1
@@ -80,9 +80,9 @@ def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
         counts["statuses"] += 1
         return real_status(self, failed)
 
-    distload.comm.TorchComm.broadcast_, distload.comm.TorchComm.failed_ranks = broadcast_, failed_ranks
+    distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.failed_ranks = broadcast_, failed_ranks
     if rank == bad_rank:
-        real, calls = distload.reader.read_exact, [0]
+        real, calls = distload.io.reader.read_exact, [0]
 
         def failing(fd, buf, offset, name):
             calls[0] += 1
@@ -91,7 +91,7 @@ def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
                 raise OSError(errno.EIO, "Input/output error (injected)")
             return real(fd, buf, offset, name)
 
-        distload.reader.read_exact = failing
+        distload.io.reader.read_exact = failing
     t0 = time.monotonic()
     try:
         distload.load_state_dict(path, bucket_mb=BUCKET_MB)
@@ -119,8 +119,8 @@ def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_r
     # The failed rank kept taking part (every rank made the same broadcasts) up to the next
     # status exchange: within AGREE_EVERY collectives of the step whose read failed, which
     # the reader ran at most READ_AHEAD chunks early.
-    from distload.reader import READ_AHEAD
-    from distload.transfer import AGREE_EVERY
+    from distload.io.reader import READ_AHEAD
+    from distload.transfer.loop import AGREE_EVERY
 
     assert len({rec["broadcasts"] for rec in results}) == 1, [rec["broadcasts"] for rec in results]
     assert bad["failed_at"] is not None and bad["broadcasts"] - bad["failed_at"] <= AGREE_EVERY + READ_AHEAD
@@ -129,10 +129,10 @@ def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_r
 
 def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:
     """(every rank) Load into a model with a cast; the last rank's third placement raises."""
-    import distload.place
+    import distload.model.place
 
     if rank == world - 1:
-        real, calls = distload.place.Placement.commit, [0]
+        real, calls = distload.model.place.Placement.commit, [0]
 
         def failing(self, name, offset, src):
             calls[0] += 1
@@ -140,7 +140,7 @@ def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:
                 raise RuntimeError("injected placement failure")
             return real(self, name, offset, src)
 
-        distload.place.Placement.commit = failing
+        distload.model.place.Placement.commit = failing
     with distload.empty_init():
         model = _Sized()
     t0 = time.monotonic()
@@ -274,11 +274,11 @@ def _hang_on_a_dedicated_group(rank: int, world: int, path: str) -> dict:
 
     import torch.distributed as dist
 
-    import distload.reader
+    import distload.io.reader
 
     group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=3))
     if rank == 1:
-        real, calls = distload.reader.read_exact, [0]
+        real, calls = distload.io.reader.read_exact, [0]
 
         def stalled(*a, **kw):
             calls[0] += 1
@@ -286,7 +286,7 @@ def _hang_on_a_dedicated_group(rank: int, world: int, path: str) -> dict:
                 time.sleep(12)
             return real(*a, **kw)
 
-        distload.reader.read_exact = stalled
+        distload.io.reader.read_exact = stalled
     t0 = time.monotonic()
     try:
         distload.load_state_dict(path, bucket_mb=BUCKET_MB, process_group=group)
@@ -317,25 +317,25 @@ def _fails_on_last(rank: int, world: int, path: str, fault: str, model_kind: str
     """
     import threading
 
-    import distload.place
-    import distload.reader
+    import distload.model.place
+    import distload.io.reader
     from test_fsdp import _fsdp_odd
 
     if rank == world - 1:
         if fault == "alloc":
-            real_acquire = distload.reader.BufferPool.acquire
+            real_acquire = distload.io.reader.BufferPool.acquire
 
             def acquire(self, nbytes):
                 if threading.current_thread() is threading.main_thread():
                     raise MemoryError("injected allocation failure")
                 return real_acquire(self, nbytes)
 
-            distload.reader.BufferPool.acquire = acquire
+            distload.io.reader.BufferPool.acquire = acquire
         else:
             def commit(self, name, offset, src):
                 raise RuntimeError("injected write failure")
 
-            distload.place.Placement.commit = commit
+            distload.model.place.Placement.commit = commit
     if model_kind == "fsdp":
         model = _fsdp_odd(world)
     else:

@@ -263,7 +263,7 @@ def test_rss_growth_stays_within_local_shards_plus_a_few_buckets(tmp_path, polic
 # ---- failures ------------------------------------------------------------------
 
 def _owner_read_fails(rank, world, path, policy):
-    import distload.reader as reader
+    import distload.io.reader as reader
 
     def broken(fd, buf, offset, name):
         raise OSError(f"injected read error in {name}")

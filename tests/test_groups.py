@@ -9,7 +9,7 @@ import torch
 
 from dist import run_world
 from distload import DistLoadError
-from distload.groups import argument_mismatch, check_group_device, load_arguments
+from distload.transport.groups import argument_mismatch, check_group_device, load_arguments
 
 
 class _Group:

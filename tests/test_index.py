@@ -1,4 +1,4 @@
-"""Pure unit tests of distload/index.py: discovery, header parsing, index cross-checks.
+"""Pure unit tests of distload/format/index.py: discovery, header parsing, index cross-checks.
 
 The exhaustive list of hostile headers and file names lives in test_hostile.py;
 here are the accepted inputs, the happy path and a few representative refusals.
@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt import st_bytes, write_sized
-from distload import DistLoadError, index
-from distload.index import (
+from distload import DistLoadError
+from distload.format import index
+from distload.format.index import (
     Checkpoint,
     find_checkpoint,
     parse_header,

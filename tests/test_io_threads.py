@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 import distload
-import distload.reader
+import distload.io.reader
 from ckpt import read_all
 from dist import run_world
-from distload.reader import BufferPool, split_ranges
+from distload.io.reader import BufferPool, split_ranges
 
 ODD_MB = 0.37  # ~379 KiB buckets: chunks end mid-tensor at odd offsets
 SPLIT = 64 << 10
@@ -57,7 +57,7 @@ def odd(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_splits(monkeypatch):
-    monkeypatch.setattr(distload.reader, "MIN_SPLIT_BYTES", SPLIT)
+    monkeypatch.setattr(distload.io.reader, "MIN_SPLIT_BYTES", SPLIT)
 
 
 # ---- pure ------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_split_ranges_of_an_empty_chunk_is_empty():
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_many_threads_land_every_byte_exactly_once(odd, small_splits, monkeypatch, threads):
-    real = distload.reader.read_exact
+    real = distload.io.reader.read_exact
     reads: list[tuple[int, int, int]] = []
     lock = threading.Lock()
 
@@ -95,7 +95,7 @@ def test_many_threads_land_every_byte_exactly_once(odd, small_splits, monkeypatc
             reads.append((name, offset, buf.numel()))
         return real(fd, buf, offset, name)
 
-    monkeypatch.setattr(distload.reader, "read_exact", recording)
+    monkeypatch.setattr(distload.io.reader, "read_exact", recording)
     got = distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=threads)
     want = read_all(odd)
     assert sorted(got) == sorted(want)
@@ -127,7 +127,7 @@ def test_no_read_thread_outlives_a_successful_load(odd, small_splits):
 
 
 def test_no_read_thread_outlives_a_failed_load(odd, small_splits, monkeypatch):
-    real, calls = distload.reader.read_exact, [0]
+    real, calls = distload.io.reader.read_exact, [0]
     lock = threading.Lock()
 
     def failing(fd, buf, offset, name):
@@ -138,7 +138,7 @@ def test_no_read_thread_outlives_a_failed_load(odd, small_splits, monkeypatch):
             raise OSError(errno.EIO, "Input/output error (injected)")
         return real(fd, buf, offset, name)
 
-    monkeypatch.setattr(distload.reader, "read_exact", failing)
+    monkeypatch.setattr(distload.io.reader, "read_exact", failing)
     with pytest.raises(distload.DistLoadError, match="injected") as info:
         distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=8)
     assert ".safetensors bytes" in str(info.value)
@@ -147,12 +147,12 @@ def test_no_read_thread_outlives_a_failed_load(odd, small_splits, monkeypatch):
 
 
 def test_default_read_threads_share_the_nodes_cores_among_its_ranks(monkeypatch):
-    from distload.plan import LoadPlan
-    from distload.transfer import Transfer
+    from distload.plan.load_plan import LoadPlan
+    from distload.transfer.loop import Transfer
 
-    monkeypatch.setattr(distload.reader.os, "cpu_count", lambda: 16)
-    assert [distload.reader.default_io_threads(n) for n in (1, 2, 4, 8, 32)] == [8, 8, 4, 2, 1]
-    comm = distload.comm.LocalComm(torch.device("cpu"))
+    monkeypatch.setattr(distload.io.reader.os, "cpu_count", lambda: 16)
+    assert [distload.io.reader.default_io_threads(n) for n in (1, 2, 4, 8, 32)] == [8, 8, 4, 2, 1]
+    comm = distload.transport.comm.LocalComm(torch.device("cpu"))
     plan = LoadPlan("/ckpt", 1, (), (), 1 << 20)
     shared = Transfer(comm, plan, None, {}, ranks_here=4)
     assert (shared.feed_threads, shared.slice_threads) == (4, 8)  # slice reads are the whole job: every core
@@ -189,9 +189,9 @@ class _CountingPool(BufferPool):
 @pytest.mark.parametrize("threads", [1, 8])
 def test_pool_buffers_in_use_do_not_grow_with_io_threads(odd, small_splits, monkeypatch, threads):
     # A cast puts every chunk through pool buffers: at most two, however many threads read.
-    import distload.transfer
+    import distload.transfer.loop
 
-    monkeypatch.setattr(distload.transfer, "BufferPool", _CountingPool)
+    monkeypatch.setattr(distload.transfer.loop, "BufferPool", _CountingPool)
     _CountingPool.held = _CountingPool.most = 0
     distload.load_state_dict(odd, bucket_mb=ODD_MB, io_threads=threads, dtype=torch.float64)
     assert 1 <= _CountingPool.most <= 2
@@ -202,9 +202,9 @@ def test_pool_buffers_in_use_do_not_grow_with_io_threads(odd, small_splits, monk
 
 def _thread_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
     """(every rank) Load with 8 threads; ``bad_rank``'s fourth sub-range read fails."""
-    distload.reader.MIN_SPLIT_BYTES = SPLIT
+    distload.io.reader.MIN_SPLIT_BYTES = SPLIT
     if rank == bad_rank:
-        real, calls = distload.reader.read_exact, [0]
+        real, calls = distload.io.reader.read_exact, [0]
         lock = threading.Lock()
 
         def failing(fd, buf, offset, name):
@@ -215,7 +215,7 @@ def _thread_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
                 raise OSError(errno.EIO, "Input/output error (injected)")
             return real(fd, buf, offset, name)
 
-        distload.reader.read_exact = failing
+        distload.io.reader.read_exact = failing
     try:
         distload.load_state_dict(path, bucket_mb=ODD_MB, io_threads=8)
         rec = {"kind": "ok"}
@@ -237,7 +237,7 @@ def test_an_error_in_any_read_thread_fails_every_rank_naming_it(odd, bad_rank):
 
 
 def _threaded_world(rank: int, world: int, path: str) -> tuple[dict, list[str]]:
-    distload.reader.MIN_SPLIT_BYTES = SPLIT
+    distload.io.reader.MIN_SPLIT_BYTES = SPLIT
     sd = distload.load_state_dict(path, bucket_mb=ODD_MB, io_threads=8)
     return {k: v.clone() for k, v in sd.items()}, _distload_threads()
 
@@ -251,7 +251,7 @@ def test_a_threaded_world_of_two_is_bit_identical_on_every_rank(odd):
 
 
 def _control(rank: int, world: int) -> tuple[bool, list[int]]:
-    from distload.comm import control_group
+    from distload.transport.comm import control_group
 
     import torch.distributed as dist
 

@@ -1,4 +1,4 @@
-"""Key mapping (distload.keys), without processes: each mapped load equals from_pretrained bit for bit."""
+"""Key mapping (distload.plan.keys), without processes: each mapped load equals from_pretrained bit for bit."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from safetensors import safe_open
 from torch import nn
 
 import distload
-from distload.convert import local_destinations
-from distload.keys import Box, build_key_map
-from distload.place import materialize, write_flat
-from distload.shard import Placement, Sharding, layout_of
+from distload.model.convert import local_destinations
+from distload.plan.keys import Box, build_key_map
+from distload.model.place import materialize, write_flat
+from distload.plan.shard import Placement, Sharding, layout_of
 from keyckpt import (add_position_ids, bert_config, build, dinov2_config, header_shapes, llama_config,
                      mixtral_config, qwen3_moe_config, save)
 

@@ -22,9 +22,9 @@ from torch import nn
 import distload
 from ckpt import write_bert, write_sized
 from dist import run_world
-from distload.index import read_checkpoint
+from distload.format.index import read_checkpoint
 from distload.loader import load_state_dict_with_report
-from distload.plan import RankInfo, build_plan
+from distload.plan.load_plan import RankInfo, build_plan
 
 TINY_MB = 1024 / (1 << 20)  # 1 KiB buckets: hundreds of chunks, every tensor split or coalesced
 HEAVY = 300  # seconds for worlds that import transformers on every rank of a 2-core machine
@@ -134,7 +134,7 @@ def spec_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...]
 
 def _child_state_dicts(rank, world, synth, llama, single):
     out = {}
-    for tag, path, mb in (("synth", synth, distload.plan.DEFAULT_BUCKET_MB), ("synth_tiny", synth, TINY_MB),
+    for tag, path, mb in (("synth", synth, distload.plan.load_plan.DEFAULT_BUCKET_MB), ("synth_tiny", synth, TINY_MB),
                           ("llama_tiny", llama, TINY_MB), ("single", single, 0.05)):
         sd, rep = load_state_dict_with_report(path, bucket_mb=mb)
         out[tag] = (clone_sd(sd), rep.to_dict())
@@ -341,7 +341,7 @@ def test_bit_exact_state_dicts_and_modules(world, synthetic_ckpt, llama_ckpt, si
             assert_bit_identical(res[tag][0], ref, f"rank {r} {tag}")
         want_bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in synth_ref.items()}
         assert_bit_identical(res["synth_bf16"], want_bf16, f"rank {r} synth_bf16")
-    for tag, path, mb in (("synth", synthetic_ckpt, distload.plan.DEFAULT_BUCKET_MB),
+    for tag, path, mb in (("synth", synthetic_ckpt, distload.plan.load_plan.DEFAULT_BUCKET_MB),
                           ("synth_tiny", synthetic_ckpt, TINY_MB), ("llama_tiny", llama_ckpt, TINY_MB),
                           ("single", single_ckpt, 0.05)):
         check_reports([res[tag][1] for res in results], expected_plan(path, world, mb), world)

@@ -117,7 +117,7 @@ def test_the_mpi_waiter_raises_a_failed_wait_and_reports_a_stuck_one():
     """An MPI error inside the waiter thread reaches the caller as itself, not as a timeout."""
     import threading
 
-    from distload.comm_mpi import _Waiter
+    from distload.transport.mpi import _Waiter
 
     class Failing:
         def Wait(self):
@@ -158,7 +158,7 @@ def test_the_mpi_waiter_holds_a_stuck_requests_buffers_until_it_completes():
 
     import torch
 
-    from distload.comm_mpi import _Waiter, stranded
+    from distload.transport.mpi import _Waiter, stranded
 
     class Late:
         def __init__(self):

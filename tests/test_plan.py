@@ -1,4 +1,4 @@
-"""Pure tests of distload/plan.py: file assignment, chunking and the shared schedule."""
+"""Pure tests of distload/plan/load_plan.py: file assignment, chunking and the shared schedule."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from distload.index import Checkpoint, ShardFile, TensorEntry
-from distload.plan import Chunk, Piece, RankInfo, assign_files, build_plan, chunk_file, interleave
+from distload.format.index import Checkpoint, ShardFile, TensorEntry
+from distload.plan.load_plan import Chunk, Piece, RankInfo, assign_files, build_plan, chunk_file, interleave
 
 HEADER = 100  # pretend every header is this long: data starts at 8 + HEADER
 

@@ -281,7 +281,7 @@ def _enospc_world(rank, world, ckpt, out, fault_rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import distload.writer
+    import distload.io.writer
 
     model = _llama(ckpt)
     mesh = init_device_mesh("cpu", (world,))
@@ -292,7 +292,7 @@ def _enospc_world(rank, world, ckpt, out, fault_rank):
     save_checkpoint(model, out, max_shard_size="100KB", bucket_mb=BUCKET_MB)  # the previous checkpoint
     if rank == fault_rank:
         calls = [0]
-        real = distload.writer._pwrite
+        real = distload.io.writer._pwrite
 
         def full(fd, data, offset):
             calls[0] += 1
@@ -300,7 +300,7 @@ def _enospc_world(rank, world, ckpt, out, fault_rank):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(fd, data, offset)
 
-        distload.writer._pwrite = full
+        distload.io.writer._pwrite = full
     try:
         save_checkpoint(model, out, max_shard_size="100KB", bucket_mb=BUCKET_MB, dtype=torch.bfloat16)
     except distload.DistLoadError as e:
@@ -333,14 +333,14 @@ def test_a_failed_first_save_leaves_nothing(llama, tmp_path):
     def broken(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    import distload.writer
+    import distload.io.writer
 
-    real, distload.writer._pwrite = distload.writer._pwrite, broken
+    real, distload.io.writer._pwrite = distload.io.writer._pwrite, broken
     try:
         with pytest.raises(distload.DistLoadError, match="No space left"):
             save_checkpoint(model, tmp_path / "out")
     finally:
-        distload.writer._pwrite = real
+        distload.io.writer._pwrite = real
     assert os.listdir(tmp_path) == []
 
 
@@ -445,7 +445,7 @@ def test_train_fsdp_saves_with_save_dir_and_the_result_loads_with_from_pretraine
 
 
 def test_box_of_recognizes_expert_rows_and_chunks_and_refuses_transposes():
-    from distload.save_keys import box_of
+    from distload.model.save_keys import box_of
 
     base = torch.empty(3, 8, 4, device="meta")
     assert box_of(base[1], (3, 8, 4)) == ((1, 2), (0, 8), (0, 4))
@@ -455,8 +455,8 @@ def test_box_of_recognizes_expert_rows_and_chunks_and_refuses_transposes():
 
 
 def test_split_follows_save_pretrained_and_headers_parse_as_safetensors():
-    from distload.index import parse_header
-    from distload.save_plan import OutTensor, build_plan, split_files
+    from distload.format.index import parse_header
+    from distload.plan.save_plan import OutTensor, build_plan, split_files
 
     def t(name, n, dtype="F32"):
         return OutTensor(name, name, dtype, (n,), ((0, n),))
@@ -476,8 +476,8 @@ def test_split_follows_save_pretrained_and_headers_parse_as_safetensors():
 
 
 def test_contributions_cover_each_element_once_with_replicated_dims():
-    from distload.save_plan import OutTensor, build_plan, contributions
-    from distload.shard import Placement, Sharding
+    from distload.plan.save_plan import OutTensor, build_plan, contributions
+    from distload.plan.shard import Placement, Sharding
 
     # HSDP-like: replicate over mesh dim 0, shard rows over dim 1, world 4; the writer holds half.
     sh = Sharding((0, 1, 2, 3), (2, 2), (Placement("replicate"), Placement("shard", 0)))

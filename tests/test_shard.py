@@ -9,10 +9,10 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from distload.index import ShardFile, TensorEntry
-from distload.shard import Layout, Placement, Sharding, layout_of
-from distload.shard_plan import build_shard_plan, choose_policy
-from distload.storage import is_local_storage
+from distload.format.index import ShardFile, TensorEntry
+from distload.plan.shard import Layout, Placement, Sharding, layout_of
+from distload.plan.shard_plan import build_shard_plan, choose_policy
+from distload.format.mounts import is_local_storage
 
 CASES = [  # (shape, mesh_shape, torch placements)
     ((13,), (4,), [Shard(0)]),
@@ -157,7 +157,7 @@ def test_replicas_on_disjoint_submeshes_make_one_layout():
     """FSDP over "dp" in a 2x2 dp x tp job: ranks 0, 2 and ranks 1, 3 each hold the tensor on their own submesh."""
     import pickle
 
-    from distload.shard import Placement, Sharding, UnionRegions, layout_of
+    from distload.plan.shard import Placement, Sharding, UnionRegions, layout_of
 
     shard0 = (Placement("shard", 0),)
     column0, column1 = Sharding((0, 2), (2,), shard0), Sharding((1, 3), (2,), shard0)

@@ -81,14 +81,14 @@ def test_fifty_loads_leak_no_fds_threads_or_memory(reference):
 
 
 def test_fifty_failed_loads_leak_no_fds_or_threads(reference, tmp_path, monkeypatch):
-    import distload.reader
+    import distload.io.reader
 
     path, ref = reference
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     last = sorted(broken.glob("*.safetensors"))[-1]
     last.write_bytes(last.read_bytes()[:-4])
-    real, calls = distload.reader.read_exact, [0]
+    real, calls = distload.io.reader.read_exact, [0]
 
     def every_third_read_fails(fd, buf, offset, name):
         calls[0] += 1
@@ -96,7 +96,7 @@ def test_fifty_failed_loads_leak_no_fds_or_threads(reference, tmp_path, monkeypa
             raise OSError(5, "Input/output error (injected)")
         return real(fd, buf, offset, name)
 
-    monkeypatch.setattr(distload.reader, "read_exact", every_third_read_fails)
+    monkeypatch.setattr(distload.io.reader, "read_exact", every_third_read_fails)
 
     def fail_once(i: int) -> None:
         # Alternate a planning failure (truncated file) with a mid-transfer

@@ -7,16 +7,16 @@ import torch
 from torch import nn
 
 import distload
-from distload.comm import LocalComm
+from distload.transport.comm import LocalComm
 from distload.errors import DistLoadError
-from distload.index import ShardFile, TensorEntry
-from distload.place import Placement, alias_groups, tied_duplicates, write_flat
-from distload.plan import RankInfo, build_plan
-from distload.reader import BufferPool
-from distload.shard import Placement as MeshPlacement
-from distload.shard import Sharding, layout_of
-from distload.shard_plan import build_shard_plan
-from distload.transfer import BROADCAST, SCATTER, SLICE, schedule
+from distload.format.index import ShardFile, TensorEntry
+from distload.model.place import Placement, alias_groups, tied_duplicates, write_flat
+from distload.plan.load_plan import RankInfo, build_plan
+from distload.io.reader import BufferPool
+from distload.plan.shard import Placement as MeshPlacement
+from distload.plan.shard import Sharding, layout_of
+from distload.plan.shard_plan import build_shard_plan
+from distload.transfer.loop import BROADCAST, SCATTER, SLICE, schedule
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_the_schedule_lists_broadcasts_then_scatters_then_slices():
 
     files = (_file("a.safetensors", [("p", (4,)), ("w", (8, 4)), ("s", (4, 1024))]),)
     ranks = [RankInfo(r, "h", r) for r in range(2)]
-    from distload.index import Checkpoint
+    from distload.format.index import Checkpoint
 
     ckpt = Checkpoint("/x", files, (), ())
     plan = build_plan(ckpt, ranks, bucket_mb=1, wanted={"p"})
@@ -149,8 +149,8 @@ def test_the_schedule_lists_broadcasts_then_scatters_then_slices():
 def test_rank_0s_bar_counts_every_planned_byte_whatever_slices_it_reads_itself():
     import dataclasses
 
-    from distload.index import Checkpoint
-    from distload.transfer import _Progress
+    from distload.format.index import Checkpoint
+    from distload.transfer.loop import _Progress
 
     files = (_file("a.safetensors", [("p", (4,)), ("s", (4, 1024)), ("t", (5, 512))]),)
     ranks = [RankInfo(r, "h", r) for r in range(3)]

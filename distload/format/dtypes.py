@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DistLoadError
+from ..errors import DistLoadError
 
 
 @dataclass(frozen=True)

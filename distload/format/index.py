@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dtypes import DTYPES, torch_shape
-from .errors import DistLoadError
+from ..errors import DistLoadError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces, per file
 MAX_INDEX_BYTES = 256 * 1024 * 1024  # real indexes are a few MB even for 1T-parameter models

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import DistLoadError
-from .errors import add_context
-from .index import header_from_fd, open_checked, pread_into
-from .plan import Chunk, LoadPlan
+from ..errors import DistLoadError
+from ..errors import add_context
+from ..format.index import header_from_fd, open_checked, pread_into
+from ..plan.load_plan import Chunk, LoadPlan
 
 
 # A sub-range read is never smaller than this: large requests suit network

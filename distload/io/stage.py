@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import DistLoadError
+from ..errors import DistLoadError
 from .reader import BufferPool
 
 # Pinned buckets: one being copied, one read and waiting, one being read.

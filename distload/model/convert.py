@@ -19,10 +19,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .dtypes import torch_dtype
-from .keys import GatheredOp, KeyMap
+from ..format.dtypes import torch_dtype
+from ..plan.keys import GatheredOp, KeyMap
 from .place import Placement
-from .shard import Ranges
+from ..plan.shard import Ranges
 
 Region = tuple[Ranges, ...]
 

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .dtypes import param_dtypes
-from .errors import DistLoadError
-from .shard import Layout, Placement, Sharding, layout_of
+from ..format.dtypes import param_dtypes
+from ..errors import DistLoadError
+from ..plan.shard import Layout, Placement, Sharding, layout_of
 
 
 def is_dtensor(t: object) -> bool:

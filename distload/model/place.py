@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import DistLoadError
+from ..errors import DistLoadError
 from .dtensor import is_dtensor
-from .dtypes import TORCH_DTYPES, param_dtypes, torch_dtype
+from ..format.dtypes import TORCH_DTYPES, param_dtypes, torch_dtype
 
 @contextlib.contextmanager
 def empty_init() -> Iterator[None]:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .dtensor import is_dtensor
-from .errors import DistLoadError
-from .dtypes import TORCH_DTYPES
-from .save_plan import Box, OutTensor
+from ..errors import DistLoadError
+from ..format.dtypes import TORCH_DTYPES
+from ..plan.save_plan import Box, OutTensor
 
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 

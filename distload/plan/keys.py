@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DistLoadError
-from .place import alias_groups
+from ..errors import DistLoadError
+from ..model.place import alias_groups
 from .shard import Layout, Ranges, intersect, length, position
 
 KeyHook = Mapping[str, str] | Callable[[str], "str | None"]

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from .errors import DistLoadError
-from .index import Checkpoint, ShardFile, TensorEntry
+from ..errors import DistLoadError
+from ..format.index import Checkpoint, ShardFile, TensorEntry
 
 if TYPE_CHECKING:
     from .shard_plan import ShardPlan

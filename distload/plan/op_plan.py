@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .index import ShardFile, TensorEntry
+from ..format.index import ShardFile, TensorEntry
 from .keys import GatheredOp
-from .plan import LoadPlan, tensor_mask
+from .load_plan import LoadPlan, tensor_mask
 from .shard import Layout, Sharding, layout_of
 from .shard import Placement as MeshPlacement
 from .shard_plan import build_shard_plan

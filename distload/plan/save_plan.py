@@ -24,8 +24,8 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 
-from .errors import DistLoadError
-from .plan import RankInfo, assign_files
+from ..errors import DistLoadError
+from .load_plan import RankInfo, assign_files
 from .shard import Layout, Sharding, intersect, layout_of, position
 
 Box = tuple[tuple[int, int], ...]  # [start, end) along every dim of the source tensor

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .index import DTYPE_SIZES, ShardFile
-from .plan import Chunk, Piece, interleave
+from ..format.index import DTYPE_SIZES, ShardFile
+from .load_plan import Chunk, Piece, interleave
 from .shard import Interval, Layout, PerRank, RankTuple, intersect, length, position
 
 READ_POLICIES = ("auto", "scatter", "slice")

@@ -54,14 +54,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import Comm
-from .errors import add_context
-from .place import Placement
-from .plan import Chunk, LoadPlan
-from .reader import BufferPool, ChunkReader, default_io_threads
+from ..transport.comm import Comm
+from ..errors import add_context
+from ..model.place import Placement
+from ..plan.load_plan import Chunk, LoadPlan
+from ..io.reader import BufferPool, ChunkReader, default_io_threads
 from .scatter import pack
-from .shard_plan import ScatterChunk
-from .stage import CopyStage
+from ..plan.shard_plan import ScatterChunk
+from ..io.stage import CopyStage
 
 BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
 # On CPU, data collectives per status exchange. A failure is agreed at most

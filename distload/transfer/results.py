@@ -27,15 +27,15 @@ from collections.abc import Mapping
 
 import torch
 
-from .comm import Comm
-from .convert import KeyedPlacement, take_region
-from .errors import DistLoadError
-from .keys import GatheredOp
-from .op_plan import op_batches
-from .place import byte_view
-from .plan import LoadPlan
-from .shard import Layout
-from .transfer import transfer
+from ..transport.comm import Comm
+from ..model.convert import KeyedPlacement, take_region
+from ..errors import DistLoadError
+from ..plan.keys import GatheredOp
+from ..plan.op_plan import op_batches
+from ..model.place import byte_view
+from ..plan.load_plan import LoadPlan
+from ..plan.shard import Layout
+from .loop import transfer
 
 PHASE = "convert"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .dtypes import torch_dtype
-from .plan import LoadPlan
-from .shard import Layout, Ranges
-from .shard_plan import ScatterChunk, ShardPlan
+from ..format.dtypes import torch_dtype
+from ..plan.load_plan import LoadPlan
+from ..plan.shard import Layout, Ranges
+from ..plan.shard_plan import ScatterChunk, ShardPlan
 
 
 def pack(chunk: ScatterChunk, src: torch.Tensor, send: torch.Tensor, plan: LoadPlan, sp: ShardPlan,

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .comm import Comm, LocalComm, TorchComm
-from .errors import DistLoadError
+from ..errors import DistLoadError
 from .groups import check_group_device
-from .plan import RankInfo
+from ..plan.load_plan import RankInfo
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -401,7 +401,7 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
     if kind not in COMMS:
         raise DistLoadError(f"comm must be one of {', '.join(COMMS)}, not {kind!r}")
     if kind == "mpi":
-        from .comm_mpi import MpiComm
+        from .mpi import MpiComm
 
         mpi = MpiComm(device, group, timeout_s)
         return LocalComm(device) if mpi.world_size == 1 else mpi

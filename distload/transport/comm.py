@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import DistLoadError
+from ..errors import DistLoadError
 
 
 def describe(exc: BaseException) -> str:

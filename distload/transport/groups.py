@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .errors import DistLoadError
+from ..errors import DistLoadError
 
 # The arguments every rank must agree on: they decide the plan and its collectives.
 LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb", "subset")

@@ -40,7 +40,7 @@ import torch
 
 from .bootstrap import DEFAULT_TIMEOUT_S
 from .comm import Comm
-from .errors import DistLoadError
+from ..errors import DistLoadError
 
 # MPI counts are C ints; stay well below 2**31 per call.
 _MAX_BYTES = 1 << 30
