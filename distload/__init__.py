@@ -11,14 +11,14 @@ torch.distributed to every rank that needs them.
 
 from importlib import metadata as _metadata
 
-from .transport.bootstrap import init_distributed
 from .errors import DistLoadError
-from .format.index import resolve_checkpoint
+from .format.discover import resolve_checkpoint
 from .loader import load_checkpoint, load_state_dict, plan_checkpoint
 from .model.place import empty_init
 from .report import LoadReport
-from .saver import save_checkpoint
 from .save_report import SaveReport
+from .saver import save_checkpoint
+from .transport.bootstrap import init_distributed
 
 __all__ = [
     "DistLoadError",

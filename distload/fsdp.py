@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .transport.bootstrap import init_distributed
 from .errors import DistLoadError
+from .transport.bootstrap import init_distributed
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:

@@ -39,12 +39,20 @@ import torch
 from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
-from .transport.bootstrap import (COMMS, DEFAULT_TIMEOUT_S, destroy_process_group, detect_launch, init_distributed, local_rank,
-                        make_comm, resolve_device)
-from .format.index import resolve_checkpoint
+from .format.discover import resolve_checkpoint
 from .loader import load_state_dict_with_report
 from .plan.load_plan import DEFAULT_BUCKET_MB
 from .plan.shard_plan import READ_POLICIES
+from .transport.bootstrap import (
+    COMMS,
+    destroy_process_group,
+    detect_launch,
+    init_distributed,
+    local_rank,
+    make_comm,
+    resolve_device,
+)
+from .transport.comm import DEFAULT_TIMEOUT_S
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -461,7 +469,7 @@ def _abort_mpi_job() -> None:
 
 def _shutdown() -> None:
     """(every rank, last) Destroy the process group while Python is fully alive (see
-    :func:`distload.bootstrap.destroy_process_group`); the model died with ``_run``."""
+    :func:`distload.transport.bootstrap.destroy_process_group`); the model died with ``_run``."""
     destroy_process_group()
 
 

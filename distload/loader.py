@@ -25,26 +25,38 @@ import warnings
 import torch
 from torch import nn
 
-from .transport.bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info, resolve_device
-from .transport.comm import broken_error, Comm, TorchComm, describe
-from .model.convert import KeyedPlacement, Region, keyed_placement
-from .model.dtensor import has_dtensors, other_submeshes, sharded_layouts, shardings, submesh_view
-from .format.dtypes import plan_dtypes
 from .errors import DistLoadError, add_context
-from .transport.groups import argument_mismatch, load_arguments
-from .format.index import local_root, read_checkpoint, resolve_checkpoint
-from .plan.keys import KeyHook, KeyMap, build_key_map
-from .plan.op_plan import choose_op_ranks
-from .model.place import Placement, local_bytes, meta_buffers_not_loaded, model_placement, model_signature
-from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
+from .format.discover import local_root, resolve_checkpoint
+from .format.dtypes import plan_dtypes
+from .format.header import read_checkpoint
 from .io.reader import check_io_threads, open_verified
-from .report import LoadReport, peak_rss_bytes
-from .transfer.results import run_gathered
+from .model.convert import KeyedPlacement, Region, keyed_placement
+from .model.dtensor import (
+    has_dtensors,
+    other_submeshes,
+    sharded_layouts,
+    shardings,
+    submesh_view,
+)
+from .model.place import (
+    Placement,
+    local_bytes,
+    meta_buffers_not_loaded,
+    model_placement,
+    model_signature,
+)
+from .plan.keys import KeyHook, KeyMap, build_key_map
+from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
+from .plan.op_plan import choose_op_ranks
 from .plan.shard import Layout, layout_of
 from .plan.shard_plan import READ_POLICIES, build_shard_plan
-from .format.mounts import is_local_storage
+from .report import LoadReport, peak_rss_bytes
+from .storage.mounts import is_local_storage
 from .transfer.loop import transfer
-
+from .transfer.results import run_gathered
+from .transport.bootstrap import make_comm, rank_info, resolve_device
+from .transport.comm import DEFAULT_TIMEOUT_S, Comm, TorchComm, broken_error
+from .transport.groups import argument_mismatch, load_arguments
 
 _LOAD_SEQ = itertools.count()
 
@@ -110,7 +122,7 @@ def load_checkpoint(
             (``None`` drops the key), e.g. torchtitan <-> Hugging Face names.
             transformers models are mapped as ``from_pretrained`` maps them
             (renames, base-model prefix, fused experts; see
-            :mod:`distload.keys`); ``key_map`` applies first.
+            :mod:`distload.plan.keys`); ``key_map`` applies first.
         subset: the model holds part of the checkpoint (a pipeline stage, a
             model with layers removed): checkpoint keys it has no place for are
             neither read nor errors (the report lists them as ignored).
@@ -225,9 +237,9 @@ class _Load:
         self.phase = "start"
         self.seq = next(_LOAD_SEQ)  # the same on every rank: all run the same loads in order
         self.state_dict: dict[str, torch.Tensor] = {}
-        self.keys = KeyMap()  # how checkpoint keys map onto the model (distload.keys), from rank 0
+        self.keys = KeyMap()  # how checkpoint keys map onto the model (distload.plan.keys), from rank 0
         self.submeshes: dict = {}  # other ranks' meshes of gathered ops' targets, from rank 0
-        self.ops_run: list[str] = []  # gathered conversions this rank ran (distload.results)
+        self.ops_run: list[str] = []  # gathered conversions this rank ran (distload.transfer.results)
         self.op_source_bytes = 0
 
     # ---- phases -------------------------------------------------------------
@@ -300,7 +312,7 @@ class _Load:
                     placement.restore()
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) See :func:`distload.comm.broken_error`."""
+        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""
         return broken_error(self.comm, "distload", self.phase, f"load.{self.seq}", e)
 
     def make_plan(self) -> LoadPlan:
@@ -352,7 +364,7 @@ class _Load:
             plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors}, None, self.dtype)
             return build_plan(ckpt, ranks, bucket_mb=self.bucket_mb), None, {}
         keys = self._match(ckpt)
-        # Sources of gathered ops move in their own phase, to their op rank only (distload.results).
+        # Sources of gathered ops move in their own phase, to their op rank only (distload.transfer.results).
         wanted = set(keys.wanted) - {k for g in keys.gathered for k in g.sources}
         submeshes = other_submeshes(self.model, [g[3] for g in gathered])
         if not has_dtensors(self.model):
@@ -374,7 +386,7 @@ class _Load:
 
         A key filling a box of a DTensor (one expert of a fused tensor) takes
         the DTensor's layout restricted to its box. Sources of gathered
-        conversions move in their own phase (distload.results); keys whose
+        conversions move in their own phase (distload.transfer.results); keys whose
         piece every rank holds are broadcast.
         """
         assert self.model is not None
@@ -392,7 +404,7 @@ class _Load:
         return layouts
 
     def _match(self, ckpt) -> KeyMap:
-        """(coordinator) Map checkpoint keys onto the model's (distload.keys); raise under strict."""
+        """(coordinator) Map checkpoint keys onto the model's (distload.plan.keys); raise under strict."""
         assert self.model is not None
         shapes = {t.name: tuple(t.shape) for f in ckpt.files for t in f.tensors}
         keys = build_key_map(self.model, shapes, key_map=self.key_hook)
@@ -452,7 +464,7 @@ class _Load:
         self.local_bytes = local_bytes(placement.dests)
         if self.keys.identity:
             return placement
-        try:  # checkpoint key -> the view of its model tensor (distload.convert)
+        try:  # checkpoint key -> the view of its model tensor (distload.model.convert)
             regions = self._regions() if shards or self.keys.gathered else {}
             keyed = keyed_placement(placement, self.keys, self.model, self.device, plan.shapes, regions)
             for name, layout in shards.items():

@@ -5,7 +5,7 @@ safetensors checkpoint from a replicated, FSDP2, tensor-parallel or 2-D mesh
 model. Files are spread over ranks (balanced by bytes, nodes first); a
 DTensor's pieces travel point to point to the writer of their file, each
 rank sending exactly the elements it holds; plain tensors are written by the
-writer from its own memory. See :mod:`distload.writer` for how the result
+writer from its own memory. See :mod:`distload.io.writer` for how the result
 appears atomically.
 
 The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
@@ -25,16 +25,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .transport.bootstrap import DEFAULT_TIMEOUT_S, make_comm, rank_info
-from .transport.comm import broken_error, Comm, describe, format_traceback
-from .model.dtensor import is_dtensor, shardings
 from .errors import DistLoadError, add_context
 from .format.dtypes import TORCH_DTYPES
-from .report import peak_rss_bytes
+from .io.writer import (
+    OutFile,
+    StagingPool,
+    WriteQueue,
+    commit,
+    remove_stage,
+    stage_dir,
+    write_all,
+    write_small,
+)
+from .model.dtensor import is_dtensor, shardings
 from .model.save_keys import output_tensors, signature, state_tensors
-from .plan.save_plan import INDEX_NAME, Chunk, SavePlan, build_plan, contributions, local_box, parse_size
+from .plan.save_plan import (
+    INDEX_NAME,
+    Chunk,
+    SavePlan,
+    build_plan,
+    contributions,
+    local_box,
+    parse_size,
+)
+from .report import peak_rss_bytes
 from .save_report import SaveReport
-from .io.writer import OutFile, StagingPool, WriteQueue, commit, remove_stage, stage_dir, write_all, write_small
+from .transport.bootstrap import make_comm, rank_info
+from .transport.comm import (
+    DEFAULT_TIMEOUT_S,
+    Comm,
+    broken_error,
+    describe,
+    format_traceback,
+)
 
 DEFAULT_BUCKET_MB = 64
 _SAVE_SEQ = itertools.count()
@@ -441,5 +464,5 @@ class _Save:
             remove_stage(self.stage)
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) See :func:`distload.comm.broken_error`."""
+        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""
         return broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)

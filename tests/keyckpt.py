@@ -82,6 +82,6 @@ def add_position_ids(ckpt: Path, key: str, n: int) -> None:
 
 def header_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape, from the headers (what the coordinator sees)."""
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     return {t.name: tuple(t.shape) for f in read_checkpoint(ckpt).files for t in f.tensors}

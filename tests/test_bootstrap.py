@@ -177,8 +177,9 @@ def test_unknown_transport_is_a_clear_error():
 def test_ranks_on_one_host_with_two_node_keys_are_planned_as_two_nodes(tmp_path):
     """The multi-node emulation: same hostname, two torchrun agents -> files on both 'nodes'."""
     from ckpt import write_synthetic
-    from distload.format.index import read_checkpoint
-    from distload.plan.load_plan import RankInfo, build_plan
+    from distload.format.header import read_checkpoint
+    from distload.plan.load_plan import build_plan
+    from distload.plan.items import RankInfo
 
     ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
     ranks = [RankInfo(r, "vm", r % 2, node=f"vm/{r // 2}") for r in range(4)]
@@ -190,8 +191,9 @@ def test_ranks_on_one_host_with_two_node_keys_are_planned_as_two_nodes(tmp_path)
 
 def test_without_node_keys_ranks_on_one_host_form_one_node(tmp_path):
     from ckpt import write_synthetic
-    from distload.format.index import read_checkpoint
-    from distload.plan.load_plan import RankInfo, assign_files
+    from distload.format.header import read_checkpoint
+    from distload.plan.load_plan import assign_files
+    from distload.plan.items import RankInfo
 
     ckpt = read_checkpoint(write_synthetic(tmp_path / "c", n_files=4))
     one_host = assign_files(ckpt.files, [RankInfo(r, "vm", r) for r in range(4)])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distload.format.index import read_checkpoint
+from distload.format.header import read_checkpoint
 
 TIMEOUT = 300
 
@@ -62,7 +62,7 @@ FACTORY = textwrap.dedent('''
     import torch
     from torch import nn
 
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
     from distload.format.dtypes import torch_dtype
 
     FIXED_PATH = {fixed!r}

@@ -20,9 +20,10 @@ import torch
 import distload
 import distload.io.reader
 from ckpt import read_all
-from distload.format.index import read_checkpoint
+from distload.format.header import read_checkpoint
 from distload.model.place import Placement, byte_view, torch_dtype
-from distload.plan.load_plan import RankInfo, build_plan
+from distload.plan.load_plan import build_plan
+from distload.plan.items import RankInfo
 from distload.io.reader import ChunkReader, open_verified
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

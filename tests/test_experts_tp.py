@@ -68,7 +68,7 @@ def _sharded_experts(rank: int, world: int, path: str) -> dict:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_experts_sharded_by_tp_or_ep_equal_from_pretrained(mixtral, world):
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     total = sum(t.nbytes for f in read_checkpoint(mixtral).files for t in f.tensors)
     results = run_world(_sharded_experts, world, mixtral, timeout=600)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from distload.errors import DistLoadError
 from distload.format.dtypes import DTYPES, nbytes
-from distload.format.index import ShardFile, parse_header, read_checkpoint, read_index
+from distload.format.header import ShardFile, parse_header, read_checkpoint, read_index
 
 FAST = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=3000, deadline=5000, suppress_health_check=[HealthCheck.too_slow])

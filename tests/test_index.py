@@ -18,15 +18,16 @@ from safetensors.torch import load_file, save_file
 
 from ckpt import st_bytes, write_sized
 from distload import DistLoadError
-from distload.format import index
-from distload.format.index import (
+from distload.format import discover, header
+from distload.format.discover import find_checkpoint
+from distload.format.header import (
     Checkpoint,
-    find_checkpoint,
     parse_header,
     read_checkpoint,
     read_header,
     read_index,
 )
+from distload.storage import files
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -333,15 +334,15 @@ def _many_files(d: Path, n_files: int, per_file: int = 1) -> Path:
 
 def test_index_naming_too_many_files_is_refused_before_opening_any(tmp_path, monkeypatch):
     d = _many_files(tmp_path / "ck", 3)
-    monkeypatch.setattr(index, "MAX_FILES", 2)
-    monkeypatch.setattr(index, "read_header", lambda *a, **k: pytest.fail("opened a file"))
+    monkeypatch.setattr(header, "MAX_FILES", 2)
+    monkeypatch.setattr(header, "read_header", lambda *a, **k: pytest.fail("opened a file"))
     with pytest.raises(DistLoadError, match="names 3 files, over the 2 file limit"):
         read_checkpoint(d)
 
 
 def test_index_listing_too_many_tensors_is_refused(tmp_path, monkeypatch):
     d = _many_files(tmp_path / "ck", 2, per_file=2)
-    monkeypatch.setattr(index, "MAX_TENSORS", 3)
+    monkeypatch.setattr(header, "MAX_TENSORS", 3)
     with pytest.raises(DistLoadError, match="lists 4 tensors, over the 3 tensor limit"):
         read_checkpoint(d)
 
@@ -351,14 +352,14 @@ def test_files_holding_too_many_tensors_together_are_refused(tmp_path, monkeypat
     d = _many_files(tmp_path / "ck", 2, per_file=2)
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"t0.0": "f0.safetensors", "t1.0": "f1.safetensors"}}))
-    monkeypatch.setattr(index, "MAX_TENSORS", 3)
+    monkeypatch.setattr(header, "MAX_TENSORS", 3)
     with pytest.raises(DistLoadError, match="over 3 tensors"):
         read_checkpoint(d, strict=False)
 
 
 def test_one_header_with_too_many_tensors_is_refused(monkeypatch):
     raw, size = _raw({f"t{i}": ("U8", [1], b"\x00") for i in range(5)}, metadata={"format": "pt"})
-    monkeypatch.setattr(index, "MAX_TENSORS", 4)
+    monkeypatch.setattr(header, "MAX_TENSORS", 4)
     with pytest.raises(DistLoadError, match="5 header entries exceed the 4 tensor limit"):
         parse_header(raw, size, "many.safetensors")
 
@@ -366,10 +367,10 @@ def test_one_header_with_too_many_tensors_is_refused(monkeypatch):
 def test_headers_over_the_total_header_byte_cap_are_refused(tmp_path, monkeypatch):
     d = _many_files(tmp_path / "ck", 3)
     one = len(json.dumps({"t0.0": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}))
-    monkeypatch.setattr(index, "MAX_TOTAL_HEADER_BYTES", 2 * one + 5)  # room for two headers, not three
+    monkeypatch.setattr(header, "MAX_TOTAL_HEADER_BYTES", 2 * one + 5)  # room for two headers, not three
     with pytest.raises(DistLoadError, match="f2.safetensors: header length .* limit on all headers together"):
         read_checkpoint(d)
-    monkeypatch.setattr(index, "MAX_TOTAL_HEADER_BYTES", 3 * one)
+    monkeypatch.setattr(header, "MAX_TOTAL_HEADER_BYTES", 3 * one)
     assert len(read_checkpoint(d).files) == 3
 
 
@@ -379,20 +380,20 @@ def test_headers_over_the_total_header_byte_cap_are_refused(tmp_path, monkeypatc
 def test_a_file_swapped_between_check_and_open_is_refused(tmp_path, monkeypatch):
     d = _two_file_index(tmp_path / "ck")
     other = _save(tmp_path / "other.safetensors", {"x": torch.zeros(2, 3)})
-    real_open = index.open_regular
+    real_open = files.open_regular
 
     def swap_then_open(path):
         os.replace(other, path)  # a different file now sits under the checked name
         return real_open(path)
 
-    monkeypatch.setattr(index, "open_regular", swap_then_open)
+    monkeypatch.setattr(files, "open_regular", swap_then_open)
     with pytest.raises(DistLoadError, match="a.safetensors changed between checking and opening"):
-        index.open_checked(d, "a.safetensors")
+        files.open_checked(d, "a.safetensors")
 
 
 def test_open_checked_returns_the_checked_file(tmp_path):
     d = _two_file_index(tmp_path / "ck")
-    fd, path = index.open_checked(d, "b.safetensors")
+    fd, path = files.open_checked(d, "b.safetensors")
     try:
         assert path == d / "b.safetensors"
         assert os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -461,11 +462,11 @@ def test_a_repo_id_resolves_from_the_cache_only(tmp_path, monkeypatch):
     snap = _cache_repo(tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    assert index.resolve_checkpoint("org/tiny") == snap
-    assert index.resolve_checkpoint("org/tiny", revision="main") == snap
-    assert index.resolve_checkpoint("org/tiny", revision=COMMIT) == snap
+    assert discover.resolve_checkpoint("org/tiny") == snap
+    assert discover.resolve_checkpoint("org/tiny", revision="main") == snap
+    assert discover.resolve_checkpoint("org/tiny", revision=COMMIT) == snap
     assert sorted(read_checkpoint("org/tiny").keys()) == ["x", "y", "z"]
-    assert index.local_root("org/tiny") == snap
+    assert discover.local_root("org/tiny") == snap
 
 
 def test_hf_home_is_honoured(tmp_path, monkeypatch):
@@ -474,7 +475,7 @@ def test_hf_home_is_honoured(tmp_path, monkeypatch):
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert index.resolve_checkpoint("org/tiny") == snap
+    assert discover.resolve_checkpoint("org/tiny") == snap
 
 
 @pytest.mark.parametrize("repo,revision", [("org/absent", None), ("org/tiny", "v9")])
@@ -483,7 +484,7 @@ def test_an_uncached_repo_id_says_how_to_download_it(tmp_path, monkeypatch, repo
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DistLoadError) as exc:
-        index.resolve_checkpoint(repo, revision=revision)
+        discover.resolve_checkpoint(repo, revision=revision)
     msg = str(exc.value)
     assert f"{repo}" in msg and "not in the local Hugging Face cache" in msg and "never downloads" in msg
     assert f"hf download {repo}" in msg and f"huggingface-cli download {repo}" in msg
@@ -493,4 +494,4 @@ def test_an_uncached_repo_id_says_how_to_download_it(tmp_path, monkeypatch, repo
 def test_a_missing_path_that_is_no_repo_id_is_a_plain_error(tmp_path):
     for p in (tmp_path / "nope", "a/b/c", "./x/y"):
         with pytest.raises(DistLoadError, match="does not exist"):
-            index.resolve_checkpoint(p)
+            discover.resolve_checkpoint(p)

@@ -179,7 +179,7 @@ def test_slice_policy_reads_each_ranks_experts_itself(runs):
 
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])
 def test_per_expert_keys_are_read_once_across_the_job(runs, ckpts, mode):
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     total = sum(t.nbytes for f in read_checkpoint(ckpts["mixtral"]).files for t in f.tensors)
     for world in (2, 3):
@@ -189,7 +189,7 @@ def test_per_expert_keys_are_read_once_across_the_job(runs, ckpts, mode):
 
 
 def test_ignored_keys_are_listed_and_never_read(runs, ckpts):
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     for world in (2, 3):
         for name, ignored in (("bert", "embeddings.position_ids"), ("lm_into_base", "lm_head.weight")):
@@ -200,7 +200,7 @@ def test_ignored_keys_are_listed_and_never_read(runs, ckpts):
 
 
 def test_pipeline_stage_reads_only_the_bytes_it_holds(runs, ckpts):
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     sizes = {t.name: t.nbytes for f in read_checkpoint(ckpts["stage"]).files for t in f.tensors}
     held = {k for k in sizes if not k.startswith("model.layers.") or int(k.split(".")[2]) < STAGE_LAYERS}
@@ -228,7 +228,7 @@ def test_rank_0s_progress_bar_counts_every_byte_the_load_moves(runs, mode):
 
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])
 def test_gathered_sources_reach_only_the_op_rank(runs, ckpts, mode):
-    from distload.format.index import read_checkpoint
+    from distload.format.header import read_checkpoint
 
     sizes = {t.name: t.nbytes for f in read_checkpoint(ckpts["dinov2"]).files for t in f.tensors}
     layers = {f"encoder.layer.{i}.mlp.gate_proj.{w}": [f"encoder.layer.{i}.mlp.weights_in.{w}"]

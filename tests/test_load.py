@@ -22,9 +22,10 @@ from torch import nn
 import distload
 from ckpt import write_bert, write_sized
 from dist import run_world
-from distload.format.index import read_checkpoint
+from distload.format.header import read_checkpoint
 from distload.loader import load_state_dict_with_report
-from distload.plan.load_plan import RankInfo, build_plan
+from distload.plan.load_plan import build_plan
+from distload.plan.items import RankInfo
 
 TINY_MB = 1024 / (1 << 20)  # 1 KiB buckets: hundreds of chunks, every tensor split or coalesced
 HEAVY = 300  # seconds for worlds that import transformers on every rank of a 2-core machine

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pickle
 
-from distload.format.index import ShardFile, TensorEntry
+from distload.format.header import ShardFile, TensorEntry
 from distload.plan.keys import GatheredOp
 from distload.plan.op_plan import choose_op_ranks, op_batches
 from distload.plan.load_plan import LoadPlan
-from distload.transfer.loop import SCATTER, SLICE, schedule
+from distload.plan.schedule import SCATTER, SLICE, schedule
 
 
 def _file(name: str, tensors: list[tuple[str, int]]) -> ShardFile:

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from distload.format.index import Checkpoint, ShardFile, TensorEntry
-from distload.plan.load_plan import Chunk, Piece, RankInfo, assign_files, build_plan, chunk_file, interleave
+from distload.format.header import Checkpoint, ShardFile, TensorEntry
+from distload.plan.load_plan import assign_files, build_plan, chunk_file
+from distload.plan.items import Chunk, Piece, RankInfo, interleave
 
 HEADER = 100  # pretend every header is this long: data starts at 8 + HEADER
 

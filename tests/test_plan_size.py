@@ -15,8 +15,9 @@ import pytest
 
 from benchmarks.fake_checkpoint import deepseek_v3_tensors
 from distload.plan.dryrun import fsdp_layouts, measure
-from distload.format.index import DTYPE_SIZES, Checkpoint, ShardFile, TensorEntry
-from distload.plan.load_plan import LoadPlan, RankInfo, build_plan, wire_bytes
+from distload.format.header import DTYPE_SIZES, Checkpoint, ShardFile, TensorEntry
+from distload.plan.load_plan import LoadPlan, build_plan, wire_bytes
+from distload.plan.items import RankInfo
 from distload.plan.shard import Layout, Placement, Sharding, _enumerated_summary, _separable_summary, layout_of
 from distload.plan.shard import intersect, length, position
 from distload.plan.shard_plan import build_shard_plan

@@ -455,7 +455,7 @@ def test_box_of_recognizes_expert_rows_and_chunks_and_refuses_transposes():
 
 
 def test_split_follows_save_pretrained_and_headers_parse_as_safetensors():
-    from distload.format.index import parse_header
+    from distload.format.header import parse_header
     from distload.plan.save_plan import OutTensor, build_plan, split_files
 
     def t(name, n, dtype="F32"):

@@ -9,10 +9,10 @@ import torch
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from distload.format.index import ShardFile, TensorEntry
+from distload.format.header import ShardFile, TensorEntry
 from distload.plan.shard import Layout, Placement, Sharding, layout_of
 from distload.plan.shard_plan import build_shard_plan, choose_policy
-from distload.format.mounts import is_local_storage
+from distload.storage.mounts import is_local_storage
 
 CASES = [  # (shape, mesh_shape, torch placements)
     ((13,), (4,), [Shard(0)]),

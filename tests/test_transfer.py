@@ -9,14 +9,16 @@ from torch import nn
 import distload
 from distload.transport.comm import LocalComm
 from distload.errors import DistLoadError
-from distload.format.index import ShardFile, TensorEntry
-from distload.model.place import Placement, alias_groups, tied_duplicates, write_flat
-from distload.plan.load_plan import RankInfo, build_plan
+from distload.format.header import ShardFile, TensorEntry
+from distload.model.place import Placement, tied_duplicates, write_flat
+from distload.plan.keys import alias_groups
+from distload.plan.load_plan import build_plan
+from distload.plan.items import RankInfo
 from distload.io.reader import BufferPool
 from distload.plan.shard import Placement as MeshPlacement
 from distload.plan.shard import Sharding, layout_of
 from distload.plan.shard_plan import build_shard_plan
-from distload.transfer.loop import BROADCAST, SCATTER, SLICE, schedule
+from distload.plan.schedule import BROADCAST, SCATTER, SLICE, schedule
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ def test_the_schedule_lists_broadcasts_then_scatters_then_slices():
 
     files = (_file("a.safetensors", [("p", (4,)), ("w", (8, 4)), ("s", (4, 1024))]),)
     ranks = [RankInfo(r, "h", r) for r in range(2)]
-    from distload.format.index import Checkpoint
+    from distload.format.header import Checkpoint
 
     ckpt = Checkpoint("/x", files, (), ())
     plan = build_plan(ckpt, ranks, bucket_mb=1, wanted={"p"})
@@ -149,7 +151,7 @@ def test_the_schedule_lists_broadcasts_then_scatters_then_slices():
 def test_rank_0s_bar_counts_every_planned_byte_whatever_slices_it_reads_itself():
     import dataclasses
 
-    from distload.format.index import Checkpoint
+    from distload.format.header import Checkpoint
     from distload.transfer.loop import _Progress
 
     files = (_file("a.safetensors", [("p", (4,)), ("s", (4, 1024)), ("t", (5, 512))]),)

@@ -2,6 +2,6 @@
 
 Runs on one rank at a time, locally: the coordinator (rank 0) while planning,
 and each file owner again before it reads (storage may differ between nodes).
-Pure apart from reading bytes through :mod:`distload.io`; no collectives, no
-model. Imports :mod:`distload.io` and :mod:`distload.errors` only.
+Pure apart from reading header bytes through :mod:`distload.storage`; no
+collectives, no model. Imports :mod:`distload.storage` and :mod:`distload.errors`.
 """

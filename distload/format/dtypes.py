@@ -1,7 +1,7 @@
 """The one table of safetensors dtypes, and the rule for what dtype each tensor lands in.
 
-Pure: no IO, no processes. :mod:`distload.index` sizes tensors from it while
-validating headers; :mod:`distload.place` and the loader take torch dtypes
+Pure: no IO, no processes. :mod:`distload.format.header` sizes tensors from it while
+validating headers; :mod:`distload.model.place` and the loader take torch dtypes
 and the casting rule from it.
 
 Note on sub-byte dtypes:

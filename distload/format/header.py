@@ -1,4 +1,4 @@
-"""Checkpoint discovery and safetensors header/index parsing and validation.
+"""Safetensors headers and the index: parsing and validation, and the checkpoint they describe.
 
 Pure and process-local: nothing here talks to other ranks. In a load, only the
 coordinator (rank 0) runs :func:`read_checkpoint`; the result travels to the
@@ -11,17 +11,16 @@ so hostile or damaged checkpoints never surface as a ``KeyError`` or a hang.
 from __future__ import annotations
 
 import json
-import reprlib
 import os
-import re
-import socket
-import stat
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dtypes import DTYPES, torch_shape
 from ..errors import DistLoadError
+from ..storage.files import open_checked, open_regular, read_all
+from .discover import PICKLE_HELP, PICKLE_SUFFIXES, find_checkpoint
+from .dtypes import DTYPES, torch_shape
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces, per file
 MAX_INDEX_BYTES = 256 * 1024 * 1024  # real indexes are a few MB even for 1T-parameter models
@@ -31,18 +30,10 @@ MAX_INDEX_BYTES = 256 * 1024 * 1024  # real indexes are a few MB even for 1T-par
 MAX_FILES = 65_536
 MAX_TENSORS = 2_097_152
 MAX_TOTAL_HEADER_BYTES = 512 * 1024 * 1024
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 # Bytes per torch element for every safetensors dtype whose elements are whole
-# bytes (F4 counts packed pairs; see distload.dtypes).
+# bytes (F4 counts packed pairs; see distload.format.dtypes).
 DTYPE_SIZES: dict[str, int] = {n: d.itemsize for n, d in DTYPES.items() if d.bits * d.pack % 8 == 0}
-
-_PICKLE_HELP = (
-    "distload refuses pickle checkpoints ({what}): unpickling runs arbitrary code "
-    "from the file. Convert it once in a trusted environment, e.g. "
-    "`transformers.AutoModel.from_pretrained(src).save_pretrained(dst, safe_serialization=True)` "
-    "or `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`."
-)
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,7 @@ class TensorEntry:
 
     name: str
     dtype: str  # as written in the header, e.g. "F8_E4M3"
-    shape: tuple[int, ...]  # in torch elements: F4's last dimension counts packed pairs (distload.dtypes)
+    shape: tuple[int, ...]  # in torch elements: F4's last dimension counts packed pairs (distload.format.dtypes)
     start: int
     end: int
 
@@ -87,120 +78,6 @@ class Checkpoint:
         return [t.name for f in self.files for t in f.tensors]
 
 
-def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
-    """(any rank, locally) The local path for what the user named: a path, or a Hub repo id.
-
-    A path that exists here is returned as is. Otherwise ``org/name`` is
-    looked up in this machine's Hugging Face cache (``HF_HUB_CACHE``, else
-    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``revision``
-    (a branch, tag or commit; default ``main``), and its snapshot directory is
-    returned. Nothing is ever downloaded: a repo that is not cached is a
-    :class:`DistLoadError` saying how to download it. Example::
-
-        root = distload.resolve_checkpoint("meta-llama/Llama-3.1-8B")
-        # ~/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/<commit>
-    """
-    p = Path(path_or_repo)
-    try:
-        if revision is None and p.exists():
-            return p
-    except (OSError, ValueError) as e:  # permissions, NUL bytes, over-long names
-        raise DistLoadError(f"cannot inspect checkpoint path {p}: {e}") from e
-    text = os.fspath(path_or_repo)
-    if not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
-        if revision is not None:
-            raise DistLoadError(f"revision={revision!r} needs a Hub repo id (org/name), not the path {text!r}")
-        raise DistLoadError(f"checkpoint path does not exist: {p}")
-    return _from_hub_cache(text, revision)
-
-
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face cache folder, read from the environment now (as huggingface_hub does at import)."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.path.expanduser(env["HF_HUB_CACHE"])))
-    if env.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.path.expandvars(os.path.expanduser(env["HUGGINGFACE_HUB_CACHE"])))
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                              "huggingface")
-    return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
-
-
-def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
-    cache = hub_cache_dir()
-    rev = f" --revision {revision}" if revision else ""
-    how = (f"distload never downloads: download it first, once per node or onto shared storage, with "
-           f"`hf download {repo_id}{rev}` (older huggingface_hub: `huggingface-cli download {repo_id}{rev}`) "
-           "and the same HF_HUB_CACHE")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DistLoadError(f"{repo_id!r} is not a local path, and loading a Hub repo id from the cache "
-                            "needs huggingface_hub (pip install huggingface_hub)") from None
-    try:
-        snap = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
-    except Exception as e:  # not cached, an incomplete snapshot, a bad revision
-        where = repo_id + (f" at revision {revision!r}" if revision else "")
-        # huggingface_hub's own "not found" text suggests local_files_only=False, which is not ours to offer
-        why = "" if type(e).__name__ == "LocalEntryNotFoundError" else f" ({type(e).__name__}: {e})"
-        raise DistLoadError(f"{where} is not in the local Hugging Face cache {cache}"
-                            + (" (nor a local path)" if revision is None else "") + f"{why}; {how}") from None
-    return Path(snap)
-
-
-def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None, list[str]]:
-    """Resolve what the user pointed at into ``(root_dir, index_file, files)``.
-
-    ``files`` is filled only when there is no index (single-file checkpoints).
-    Accepts a directory, a ``.safetensors`` file, a ``*.safetensors.index.json``,
-    or a Hub repo id in the local cache (see :func:`resolve_checkpoint`).
-    """
-    p = resolve_checkpoint(path)
-    try:
-        return _find_checkpoint(p)
-    except (OSError, ValueError) as e:  # permissions, NUL bytes, over-long names
-        raise DistLoadError(f"cannot inspect checkpoint path {p}: {e}") from e
-
-
-def _find_checkpoint(p: Path) -> tuple[Path, Path | None, list[str]]:
-    if not p.exists():
-        raise DistLoadError(f"checkpoint path does not exist: {p}")
-    if p.is_file():
-        name = p.name
-        if name.endswith(".bin.index.json") or name.endswith(_PICKLE_SUFFIXES):
-            raise DistLoadError(_PICKLE_HELP.format(what=p))
-        if name.endswith(".index.json"):
-            return p.parent, p, []
-        if name.endswith(".safetensors"):
-            return p.parent, None, [name]
-        raise DistLoadError(f"not a safetensors checkpoint (expected .safetensors or .index.json): {p}")
-    if not p.is_dir():
-        raise DistLoadError(f"checkpoint path is neither a file nor a directory: {p}")
-    default_index = p / "model.safetensors.index.json"
-    if default_index.is_file():
-        return p, default_index, []
-    indexes = sorted(x.name for x in p.glob("*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return p, p / indexes[0], []
-    if len(indexes) > 1:
-        raise DistLoadError(f"several index files in {p}: {indexes}; pass the one to load")
-    if (p / "model.safetensors").is_file():
-        return p, None, ["model.safetensors"]
-    singles = sorted(x.name for x in p.glob("*.safetensors"))
-    if len(singles) == 1:
-        return p, None, singles
-    if len(singles) > 1:
-        raise DistLoadError(f"{len(singles)} .safetensors files in {p} but no *.safetensors.index.json to join them")
-    pickles = sorted(x.name for x in p.iterdir() if x.name.endswith(_PICKLE_SUFFIXES + (".bin.index.json",)))
-    if pickles:
-        raise DistLoadError(_PICKLE_HELP.format(what=", ".join(pickles)))
-    raise DistLoadError(f"no safetensors checkpoint in {p}: looked for model.safetensors.index.json, "
-                        "*.safetensors.index.json, model.safetensors and *.safetensors")
-
-
 def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
     """Parse an index file into ``(weight_map, total_size or None)``."""
     fd = open_regular(index_path)
@@ -208,7 +85,7 @@ def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
         size = os.fstat(fd).st_size
         if size > MAX_INDEX_BYTES:
             raise DistLoadError(f"index {index_path}: {size} bytes exceeds the {MAX_INDEX_BYTES} byte limit")
-        raw = _pread_all(fd, size, index_path)
+        raw = read_all(fd, size, index_path)
     finally:
         os.close(fd)
     try:
@@ -227,82 +104,14 @@ def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
     for key, fname in wmap.items():
         if not isinstance(fname, str):
             raise DistLoadError(f"index {index_path.name}: weight_map[{key!r}] is not a file name")
-        if fname.endswith(_PICKLE_SUFFIXES):
+        if fname.endswith(PICKLE_SUFFIXES):
             raise DistLoadError(f"index {index_path.name} maps {key!r} to {fname!r}: "
-                                + _PICKLE_HELP.format(what=fname))
+                                + PICKLE_HELP.format(what=fname))
     meta = doc.get("metadata")
     total = meta.get("total_size") if isinstance(meta, dict) else None
     if isinstance(total, bool) or not isinstance(total, int):
         total = None
     return wmap, total
-
-
-def check_file_name(root: Path, name: str) -> Path:
-    """Refuse names that could read outside ``root`` or block on open.
-
-    Returns the path to open. Runs on rank 0 while planning and again on each
-    owner before it opens the file (storage may differ between nodes). To open
-    the file, use :func:`open_checked`, which also closes the race between
-    this check and the open.
-    """
-    return _check(root, name)[0]
-
-
-def _check(root: Path, name: str) -> tuple[Path, os.stat_result]:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or ".." in name:
-        raise DistLoadError(f"refusing file name {name!r}: it must be a plain file name inside {root}")
-    path = root / name
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    allowed = [real_root]
-    repo = hub_repo_folder(real_root)
-    if repo is not None:  # a cache snapshot: its files link to ../../blobs/<hash>
-        allowed.append(repo)
-    if not any(os.path.commonpath([a, real]) == a for a in allowed):
-        inside = real_root if repo is None else f"{real_root} or its Hugging Face cache folder {repo}"
-        raise DistLoadError(f"refusing {name}: it resolves to {real}, outside the checkpoint directory {inside}")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise DistLoadError(f"missing file {path}") from None
-    except OSError as e:
-        raise DistLoadError(f"cannot stat {path}: {e.strerror}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise DistLoadError(f"{path} is not a regular file (a FIFO, device or directory)")
-    return path, st
-
-
-def hub_repo_folder(real_dir: str) -> str | None:
-    """The cache repo folder (``.../models--org--name``) holding ``real_dir`` in a snapshot, else None.
-
-    The Hugging Face cache keeps ``<repo>/snapshots/<commit>/<file>`` as
-    relative symlinks to ``<repo>/blobs/<hash>``.
-    """
-    p = Path(real_dir)
-    for anc in (p, *p.parents):
-        repo = anc.parent.parent
-        if anc.parent.name == "snapshots" and re.fullmatch(r"(models|datasets|spaces)--.+", repo.name):
-            return str(repo)
-    return None
-
-
-def open_checked(root: Path, name: str) -> tuple[int, Path]:
-    """Check ``name`` as :func:`check_file_name` does, open it, and verify the open file is the checked one.
-
-    Between the check and the open, a symlink could be swapped to point
-    elsewhere: the opened descriptor must be the same regular file (device
-    and inode) that was checked. Returns ``(fd, path)``; the caller closes ``fd``.
-    """
-    path, checked = _check(root, name)
-    fd = open_regular(path)
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
-            raise DistLoadError(f"{path} changed between checking and opening it (another file was swapped in)")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, path
 
 
 def read_header(path: Path | str, display: str | None = None, *, root: Path | None = None,
@@ -324,53 +133,6 @@ def read_header(path: Path | str, display: str | None = None, *, root: Path | No
         os.close(fd)
 
 
-def open_regular(path: Path) -> int:
-    """Open ``path`` read-only, refusing anything but a regular file.
-
-    ``O_NONBLOCK`` makes opening a FIFO that replaced the file since it was
-    checked return at once instead of waiting for a writer; it has no effect
-    on reads of regular files.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError as e:
-        raise DistLoadError(f"missing file {path}") from e
-    except OSError as e:
-        raise DistLoadError(f"cannot open {path}: {e.strerror or e}") from e
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DistLoadError(f"{path} is not a regular file (a FIFO, device or directory)")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def pread_into(fd: int, view: memoryview, offset: int, name: object) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` with ``preadv``; a short file is a truncation error.
-
-    The one read loop: headers here, tensor bytes in :mod:`distload.reader`.
-    OS errors propagate as themselves, so callers can say what they were reading.
-    """
-    done, total = 0, len(view)
-    while done < total:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise DistLoadError(f"{name}: truncated: file ended {total - done} bytes early at offset {offset + done}")
-        done += n
-
-
-def _pread_all(fd: int, n: int, name: object, offset: int = 0) -> bytes:
-    """Exactly ``n`` bytes at ``offset``."""
-    buf = bytearray(n)
-    try:
-        pread_into(fd, memoryview(buf), offset, name)
-    except OSError as e:
-        raise DistLoadError(f"{name}: read failed: {e.strerror or e}") from e
-    return bytes(buf)
-
-
 def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> ShardFile:
     """Read and validate the header of the open file ``fd`` (the length prefix first).
 
@@ -382,7 +144,7 @@ def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> Shar
         raise DistLoadError(f"{name}: cannot stat: {e.strerror or e}") from e
     if size < 8:
         raise DistLoadError(f"{name}: truncated: {size} bytes, too short for the 8-byte header length")
-    (hlen,) = struct.unpack("<Q", _pread_all(fd, 8, name))
+    (hlen,) = struct.unpack("<Q", read_all(fd, 8, name))
     if hlen > MAX_HEADER_BYTES:
         raise DistLoadError(f"{name}: header length {hlen} exceeds the {MAX_HEADER_BYTES} byte limit")
     if hlen > limit:
@@ -390,29 +152,7 @@ def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> Shar
                             f"{MAX_TOTAL_HEADER_BYTES} byte limit on all headers together")
     if 8 + hlen > size:
         raise DistLoadError(f"{name}: header length {hlen} runs past the end of the file ({size} bytes)")
-    return parse_header(_pread_all(fd, hlen, name, 8), size, name)
-
-
-def local_root(path: str | os.PathLike) -> Path:
-    """(owner ranks) This rank's checkpoint directory for the path the user passed.
-
-    Each owner opens its files under its own view of ``path`` (node-local
-    storage, per-node mounts, relative paths, its own Hugging Face cache for
-    a repo id), not rank 0's; a path missing here is a clear error naming
-    this host.
-    """
-    try:
-        p = resolve_checkpoint(path)
-    except DistLoadError as e:
-        raise DistLoadError(f"on {socket.gethostname()}: {e}") from e.__cause__
-    try:
-        if p.is_dir():
-            return p
-        if p.exists():
-            return p.parent
-    except (OSError, ValueError) as e:
-        raise DistLoadError(f"cannot inspect checkpoint path {p} on {socket.gethostname()}: {e}") from e
-    raise DistLoadError(f"checkpoint path {p} does not exist on {socket.gethostname()}")
+    return parse_header(read_all(fd, hlen, name, 8), size, name)
 
 
 def parse_header(raw: bytes, file_size: int, name: str) -> ShardFile:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DistLoadError
-from ..errors import add_context
-from ..format.index import header_from_fd, open_checked, pread_into
-from ..plan.load_plan import Chunk, LoadPlan
-
+from ..errors import DistLoadError, add_context
+from ..format.header import header_from_fd
+from ..plan.items import Chunk
+from ..plan.load_plan import LoadPlan
+from ..storage.files import open_checked, pread_into
 
 # A sub-range read is never smaller than this: large requests suit network
 # filesystems, and below it a thread costs more than it saves.
@@ -111,7 +111,7 @@ def open_verified(plan: LoadPlan, file_idx: int, root: str | os.PathLike | None 
     """(owner ranks) Open one assigned file and check it is the file rank 0 planned.
 
     ``root`` is this rank's own checkpoint directory (see
-    :func:`distload.index.local_root`); default the planner's. Storage can
+    :func:`distload.format.discover.local_root`); default the planner's. Storage can
     differ between nodes, so each owner re-checks the name, that it is a
     regular file (opened without blocking), its size, and its whole header
     against rank 0's, before any data moves.

@@ -1,6 +1,6 @@
-"""(every rank, locally) Placing checkpoint keys through a :class:`~distload.keys.KeyMap`.
+"""(every rank, locally) Placing checkpoint keys through a :class:`~distload.plan.keys.KeyMap`.
 
-:func:`keyed_placement` turns the model's :class:`~distload.place.Placement`
+:func:`keyed_placement` turns the model's :class:`~distload.model.place.Placement`
 (model key -> tensor) into one keyed by checkpoint key: each key's
 destination is the view of its model tensor that its bytes fill (a whole
 parameter, a DTensor's local shard, or one expert's slice of a fused
@@ -9,7 +9,7 @@ with the same ``resolve`` / ``commit`` as any other.
 
 Sources of gathered conversions land in buffers instead, as stored, made
 when their first bytes arrive: only on the op's rank, which takes them
-(:meth:`KeyedPlacement.take_sources`) to run the op (:mod:`distload.results`).
+(:meth:`KeyedPlacement.take_sources`) to run the op (:mod:`distload.transfer.results`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 
 from ..format.dtypes import torch_dtype
 from ..plan.keys import GatheredOp, KeyMap
-from .place import Placement
 from ..plan.shard import Ranges
+from .place import Placement
 
 Region = tuple[Ranges, ...]
 

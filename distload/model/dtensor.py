@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from ..format.dtypes import param_dtypes
 from ..errors import DistLoadError
+from ..format.dtypes import param_dtypes
 from ..plan.shard import Layout, Placement, Sharding, layout_of
 
 
@@ -153,9 +153,9 @@ def materialize_dtensors(model: nn.Module, device: torch.device, dtype: torch.dt
 
     Returns this rank's local tensor for every DTensor state-dict name (tied
     names share one). ``dtype`` and ``stored`` pick each DTensor parameter's
-    dtype, like the replicated path (:func:`distload.dtypes.param_dtypes`).
+    dtype, like the replicated path (:func:`distload.format.dtypes.param_dtypes`).
     Plain tensors are left to
-    :func:`distload.place.materialize`; :func:`restore_dtensors` undoes this,
+    :func:`distload.model.place.materialize`; :func:`restore_dtensors` undoes this,
     also after a failure part-way.
     """
     params = {id(p) for p in model.parameters()}

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import DistLoadError
-from .dtensor import is_dtensor
 from ..format.dtypes import TORCH_DTYPES, param_dtypes, torch_dtype
+from ..plan.keys import alias_groups
+from .dtensor import is_dtensor
+
 
 @contextlib.contextmanager
 def empty_init() -> Iterator[None]:
@@ -143,24 +145,6 @@ def model_signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def alias_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Names that share one tensor (tied weights), for each state-dict name; the tensor's own name first.
-
-    The own name is the one ``model.named_parameters()`` (or
-    ``named_buffers()``) gives: the module that registered it first.
-    """
-    own = {id(t): n for n, t in model.named_parameters()}
-    own.update({id(t): n for n, t in model.named_buffers() if id(t) not in own})
-    by_id: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        by_id.setdefault(id(t), []).append(name)
-    out = {}
-    for key, group in by_id.items():
-        group.sort(key=lambda n: n != own.get(key))
-        out.update({n: tuple(group) for n in group})
-    return out
-
-
 def tied_duplicates(model: nn.Module, stored: set[str]) -> set[str]:
     """Stored names that fill a tensor another stored name fills too: they are not loaded.
 
@@ -181,13 +165,13 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
 
     ``dtype`` casts floating-point parameters (not buffers such as masks).
     ``stored`` (state-dict name -> safetensors dtype, the plan's ``dtypes``)
-    applies :func:`distload.dtypes.target_dtype`: only parameters stored as
+    applies :func:`distload.format.dtypes.target_dtype`: only parameters stored as
     F16/BF16/F32/F64 are cast; FP8/FP4 tensors and their scales get the
     stored dtype.
     Parameters that were already real are moved, not reallocated, if needed.
     Appends to ``undo`` before each change, so :func:`restore_plain` undoes
     even a materialization that failed part-way. Returns every state-dict
-    name's tensor; DTensors are left to :func:`distload.dtensor.materialize_dtensors`.
+    name's tensor; DTensors are left to :func:`distload.model.dtensor.materialize_dtensors`.
     """
     replaced: dict[int, nn.Parameter] = {}
     want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)

@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .dtensor import is_dtensor
 from ..errors import DistLoadError
 from ..format.dtypes import TORCH_DTYPES
 from ..plan.save_plan import Box, OutTensor
+from .dtensor import is_dtensor
 
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 

@@ -16,11 +16,12 @@ import pickle
 import time
 from dataclasses import dataclass
 
-from ..format.index import read_checkpoint
-from .load_plan import DEFAULT_BUCKET_MB, LoadPlan, RankInfo, build_plan
+from ..format.header import read_checkpoint
+from ..storage.mounts import is_local_storage
+from .items import RankInfo
+from .load_plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
 from .shard import Layout, Placement, Sharding, layout_of
 from .shard_plan import build_shard_plan
-from ..format.mounts import is_local_storage
 
 
 @dataclass(frozen=True)

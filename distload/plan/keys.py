@@ -22,7 +22,7 @@ Every checkpoint key that is used gets one of two fates:
 - a :class:`GatheredOp`: any other conversion (``Transpose``, ``Chunk``,
   ``PermuteForRope``, ...). One rank gathers the sources of one conversion,
   transformers' own op runs on them there, and the results travel to their
-  targets as ordinary tensors (:mod:`distload.op_plan`, :mod:`distload.results`).
+  targets as ordinary tensors (:mod:`distload.plan.op_plan`, :mod:`distload.transfer.results`).
 
 Note on what transformers ignores:
     ``from_pretrained`` never fails on unexpected keys; it hides some of them
@@ -50,7 +50,6 @@ import torch
 from torch import nn
 
 from ..errors import DistLoadError
-from ..model.place import alias_groups
 from .shard import Layout, Ranges, intersect, length, position
 
 KeyHook = Mapping[str, str] | Callable[[str], "str | None"]
@@ -570,4 +569,22 @@ def _non_persistent_buffers(model: nn.Module) -> set[str]:
     for mname, module in model.named_modules():
         for b in module._non_persistent_buffers_set:
             out.add(f"{mname}.{b}" if mname else b)
+    return out
+
+
+def alias_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Names that share one tensor (tied weights), for each state-dict name; the tensor's own name first.
+
+    The own name is the one ``model.named_parameters()`` (or
+    ``named_buffers()``) gives: the module that registered it first.
+    """
+    own = {id(t): n for n, t in model.named_parameters()}
+    own.update({id(t): n for n, t in model.named_buffers() if id(t) not in own})
+    by_id: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(t), []).append(name)
+    out = {}
+    for key, group in by_id.items():
+        group.sort(key=lambda n: n != own.get(key))
+        out.update({n: tuple(group) for n in group})
     return out

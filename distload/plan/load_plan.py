@@ -9,7 +9,7 @@ broadcast and scatter paths, gloo, NCCL and MPI all share it.
 Note on size:
     The plan travels as its inputs only: the validated file headers, the
     file -> rank assignment, which tensors move (a bitmap) and the sharded
-    half's inputs (:mod:`distload.shard_plan`), zlib-compressed inside its
+    half's inputs (:mod:`distload.plan.shard_plan`), zlib-compressed inside its
     pickle. Each rank derives ``chunks``, ``dtypes`` and ``shapes`` from them
     on first use, with the same code the coordinator would run, so every rank
     gets the same schedule. Of the rank table only the file owners' entries
@@ -20,19 +20,16 @@ Note on size:
 
 from __future__ import annotations
 
-import heapq
 import pickle
 import zlib
 from array import array
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from ..errors import DistLoadError
-from ..format.index import Checkpoint, ShardFile, TensorEntry
-
-if TYPE_CHECKING:
-    from .shard_plan import ShardPlan
+from ..format.header import Checkpoint, ShardFile, TensorEntry
+from .items import Chunk, Piece, RankInfo, interleave
+from .shard_plan import ShardPlan
 
 DEFAULT_BUCKET_MB = 64
 # Tensors this large go straight into their destination. Coalescing them costs
@@ -40,50 +37,6 @@ DEFAULT_BUCKET_MB = 64
 # far more than the extra collectives: 1.9 GB Llama (8 MB attention weights),
 # world 2, gloo, 2 cores: 5.70 s median with a quarter bucket (16 MB), 3.32 s with 1 MiB.
 DIRECT_MIN_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """Where one rank runs; exchanged once so the plan can spread files over nodes."""
-
-    rank: int
-    host: str
-    local_rank: int
-    node: str = ""  # what tells nodes apart (hostname, plus the launcher's node rank); default host
-
-    @property
-    def node_key(self) -> str:
-        return self.node or self.host
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A byte range of one tensor carried inside a chunk."""
-
-    name: str
-    chunk_offset: int  # where the bytes sit inside the chunk
-    tensor_offset: int  # where they go inside the tensor's flat bytes
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One collective's worth of bytes: a contiguous byte range of one file.
-
-    Either several whole small tensors coalesced into a bucket, or one
-    bucket-sized segment of a large tensor (``direct``), which receivers can
-    take straight into the destination's memory.
-    """
-
-    file: int  # index into LoadPlan.files
-    owner: int  # the rank that reads these bytes
-    start: int  # absolute offset in the file
-    nbytes: int
-    pieces: tuple[Piece, ...]
-
-    @property
-    def direct(self) -> bool:
-        return len(self.pieces) == 1
 
 
 @dataclass(frozen=True)
@@ -103,9 +56,9 @@ class LoadPlan:
     missing_in_files: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     moved: bytes | None = None  # bitmap over the tensors in file order: which ones the broadcast moves; None: all
-    sharded: ShardPlan | None = None  # DTensor destinations (distload.shard_plan), if any
-    conversions: tuple[str, ...] = ()  # how checkpoint keys map onto the model (distload.keys), for --dry-run
-    op_ranks: tuple[int, ...] = ()  # the rank that runs each gathered conversion, in KeyMap order (distload.op_plan)
+    sharded: ShardPlan | None = None  # DTensor destinations (distload.plan.shard_plan), if any
+    conversions: tuple[str, ...] = ()  # how checkpoint keys map onto the model (distload.plan.keys), for --dry-run
+    op_ranks: tuple[int, ...] = ()  # the rank that runs each gathered conversion, in KeyMap order (distload.plan.op_plan)
 
     def __reduce__(self):
         owners = set(self.owners)
@@ -244,23 +197,6 @@ def chunk_file(file_idx: int, shard: ShardFile, owner: int, wanted: set[str] | N
     return out
 
 
-def interleave(streams: dict[int, list[Chunk]]) -> tuple[Chunk, ...]:
-    """Merge per-owner chunk lists so every owner's reads stay in flight.
-
-    Always emits next from the owner that has sent the fewest bytes so far
-    (ties to the lowest rank), so while one owner's chunk is on the wire the
-    others are reading theirs.
-    """
-    heap = [(0, r, 0) for r in sorted(streams) if streams[r]]  # (bytes sent, owner, next position)
-    out: list[Chunk] = []
-    while heap:
-        sent, r, pos = heapq.heappop(heap)
-        c = streams[r][pos]
-        out.append(c)
-        if pos + 1 < len(streams[r]):
-            heapq.heappush(heap, (sent + c.nbytes, r, pos + 1))
-    return tuple(out)
-
 
 def _selected(files: tuple[ShardFile, ...], mask: bytes):
     """The names whose bit is set in ``mask``, over the tensors in file order."""
@@ -301,8 +237,6 @@ def _unpack_files(packed: list[tuple]) -> tuple[ShardFile, ...]:
 
 
 def _unpack_plan(blob: bytes) -> LoadPlan:
-    from .shard_plan import ShardPlan
-
     root, world, packed, owners, bucket, ranks, missing, warnings, moved, sharded, op_ranks = pickle.loads(
         zlib.decompress(blob))
     files = _unpack_files(packed)

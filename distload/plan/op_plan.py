@@ -1,6 +1,6 @@
 """Where gathered conversions run, and the plans that bring their sources there.
 
-Pure and deterministic. A :class:`~distload.keys.GatheredOp` (``Chunk``,
+Pure and deterministic. A :class:`~distload.plan.keys.GatheredOp` (``Chunk``,
 ``Transpose``, ...) runs on one rank, its *op rank*:
 
 - (coordinator) :func:`choose_op_ranks` picks it at plan time: the owner of
@@ -9,7 +9,7 @@ Pure and deterministic. A :class:`~distload.keys.GatheredOp` (``Chunk``,
   (``LoadPlan.op_ranks``), whatever the world size.
 - (every rank alike) :func:`op_batches` cuts the ops, in key-map order, into
   batches of about one bucket of source bytes (at least one op), and gives
-  each batch a small :class:`~distload.plan.LoadPlan` whose only items move
+  each batch a small :class:`~distload.plan.load_plan.LoadPlan` whose only items move
   each source to its op rank: a source's layout is the whole tensor on the
   op rank and nothing elsewhere, so the ordinary transfer loop sends the
   bytes nowhere else (the op rank reads sources in files it owns itself, a
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..format.index import ShardFile, TensorEntry
+from ..format.header import ShardFile, TensorEntry
 from .keys import GatheredOp
 from .load_plan import LoadPlan, tensor_mask
 from .shard import Layout, Sharding, layout_of

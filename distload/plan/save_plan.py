@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..errors import DistLoadError
-from .load_plan import RankInfo, assign_files
+from .items import RankInfo
+from .load_plan import assign_files
 from .shard import Layout, Sharding, intersect, layout_of, position
 
 Box = tuple[tuple[int, int], ...]  # [start, end) along every dim of the source tensor

@@ -7,7 +7,7 @@ Every sharded tensor gets one reading policy:
   one bucket, and each :class:`ScatterChunk` sends every rank exactly its
   piece of those rows (small tensors are coalesced into one chunk);
 - ``slice``: each rank reads its own piece, one contiguous byte range of the
-  file, itself (:class:`~distload.plan.Chunk` items whose ``owner`` is the
+  file, itself (:class:`~distload.plan.items.Chunk` items whose ``owner`` is the
   reading rank), with no network traffic.
 
 Either way each byte is read once across the job. As in the broadcast plan,
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..format.index import DTYPE_SIZES, ShardFile
-from .load_plan import Chunk, Piece, interleave
+from ..format.header import DTYPE_SIZES, ShardFile
+from .items import Chunk, Piece, interleave
 from .shard import Interval, Layout, PerRank, RankTuple, intersect, length, position
 
 READ_POLICIES = ("auto", "scatter", "slice")

@@ -1,14 +1,14 @@
 """The one transfer loop: every rank walks one schedule of broadcast, scatter and slice steps.
 
 (all ranks) :func:`transfer` moves every byte the plan lists into this
-rank's :class:`~distload.place.Placement`. The schedule (:func:`schedule`)
+rank's :class:`~distload.model.place.Placement`. The schedule (:func:`schedule`)
 is pure and the same on every rank; each :class:`Step` has a kind:
 
-- ``broadcast``: the owner reads a plan :class:`~distload.plan.Chunk` and
+- ``broadcast``: the owner reads a plan :class:`~distload.plan.items.Chunk` and
   every rank receives all of it (replicated tensors);
 - ``scatter``: the owner reads a
-  :class:`~distload.shard_plan.ScatterChunk`, cuts it into one padded
-  segment per rank (:func:`distload.scatter.pack`) and one scatter over the
+  :class:`~distload.plan.shard_plan.ScatterChunk`, cuts it into one padded
+  segment per rank (:func:`distload.transfer.scatter.pack`) and one scatter over the
   chunk's own ranks hands each its segment (DTensor shards);
 - ``slice``: a rank reads its own piece of a tensor; no collective.
 
@@ -21,7 +21,7 @@ costs a lockstep round trip, about a millisecond on gloo): a rank whose
 step failed keeps taking part in the collectives up to the next exchange,
 with a stand-in buffer reserved up front, and commits nothing; then every
 rank raises. On GPUs it runs before every collective, over a gloo side
-group, so it never waits for the device (:class:`~distload.comm.TorchComm`).
+group, so it never waits for the device (:class:`~distload.transport.comm.TorchComm`).
 The loop asks the placement only two things: ``resolve`` (can
 these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
@@ -36,7 +36,7 @@ or the largest scatter chunk or segment when bigger):
       mesh, about B); ranks reading their own slices with a cast add 1 B.
       A stand-in of about B (2 B on scatter owners) is reserved but never
       touched unless this rank's step fails: then it takes part with it.
-    - CUDA (:class:`~distload.stage.CopyStage`): 3 B of pinned host memory
+    - CUDA (:class:`~distload.io.stage.CopyStage`): 3 B of pinned host memory
       for reads (one being copied, one waiting, one being read; +1 B for
       slice reads); on the GPU 2 B taken in turn for staging and receiving
       (one filled while the other is sent), plus the send buffer on scatter
@@ -50,41 +50,23 @@ or the largest scatter chunk or segment when bigger):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
-from ..transport.comm import Comm
 from ..errors import add_context
-from ..model.place import Placement
-from ..plan.load_plan import Chunk, LoadPlan
 from ..io.reader import BufferPool, ChunkReader, default_io_threads
-from .scatter import pack
-from ..plan.shard_plan import ScatterChunk
 from ..io.stage import CopyStage
+from ..model.place import Placement
+from ..plan.items import Chunk
+from ..plan.load_plan import LoadPlan
+from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
+from ..plan.shard_plan import ScatterChunk
+from ..transport.comm import Comm
+from .scatter import pack
 
-BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
 # On CPU, data collectives per status exchange. A failure is agreed at most
 # this many collectives late, which bounds the extra work, never a wait.
 AGREE_EVERY = 16
-
-
-@dataclass(frozen=True)
-class Step:
-    """One item of the schedule: what moves (``item``) and how (``kind``)."""
-
-    kind: str
-    item: Chunk | ScatterChunk
-
-
-def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
-    """(pure, every rank alike) Broadcasts, then scatters, then the slice reads of ``rank`` (None: every rank's)."""
-    steps = [Step(BROADCAST, c) for c in plan.chunks if c.nbytes]
-    sp = plan.sharded
-    if sp is not None:
-        steps += [Step(SCATTER, c) for c in sp.scatters if c.seg_bytes]
-        steps += [Step(SLICE, c) for c in (sp.slices if rank is None else sp.slices_of(rank)) if c.nbytes]
-    return tuple(steps)
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
@@ -175,7 +157,7 @@ class Transfer:
         land_bytes = max([bucket, *segs] + ([] if on_host else reads))
         if on_host:  # reads and receives share one pool
             self.read = self.land = BufferPool(2, max(read_bytes, land_bytes), host)
-        else:  # reads stage through pinned buckets onto the device on a copy stream (distload.stage)
+        else:  # reads stage through pinned buckets onto the device on a copy stream (distload.io.stage)
             self.stage = CopyStage(device, read_bytes, land_bytes)
             self.read, self.land = self.stage.pinned, None
         self.send = BufferPool(1, max([0, *sends]), device)

@@ -1,11 +1,11 @@
 """(all ranks) Gathered conversions: one rank runs each op, and its results travel as ordinary tensors.
 
 Runs after the main transfer, inside the load's failure handling, one batch
-of ops at a time (:func:`distload.op_plan.op_batches`: consecutive ops, about
+of ops at a time (:func:`distload.plan.op_plan.op_batches`: consecutive ops, about
 one bucket of source bytes, at least one op):
 
 1. (all ranks) the batch's sources move to their op ranks only, through the
-   ordinary transfer loop (:func:`distload.transfer.transfer`) on the batch's
+   ordinary transfer loop (:func:`distload.transfer.loop.transfer`) on the batch's
    own small plan;
 2. (each op rank) runs transformers' op on its sources (``GatheredOp.run``)
    and frees them; then every rank agrees, so an op that fails raises the
@@ -27,14 +27,14 @@ from collections.abc import Mapping
 
 import torch
 
-from ..transport.comm import Comm
-from ..model.convert import KeyedPlacement, take_region
 from ..errors import DistLoadError
-from ..plan.keys import GatheredOp
-from ..plan.op_plan import op_batches
+from ..model.convert import KeyedPlacement, take_region
 from ..model.place import byte_view
+from ..plan.keys import GatheredOp
 from ..plan.load_plan import LoadPlan
+from ..plan.op_plan import op_batches
 from ..plan.shard import Layout
+from ..transport.comm import Comm
 from .loop import transfer
 
 PHASE = "convert"

@@ -1,7 +1,7 @@
 """Cutting a scatter chunk into segments: the owner's side of a scatter, on bytes alone.
 
 (owner, locally) :func:`pack` takes the bytes of one
-:class:`~distload.shard_plan.ScatterChunk` (row blocks of one or more
+:class:`~distload.plan.shard_plan.ScatterChunk` (row blocks of one or more
 tensors as they sit in the file) and lays every rank's piece of them into
 its padded segment of the send buffer. It knows shapes and dtypes from the
 plan, nothing of the model or the transport.

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import Comm, LocalComm, TorchComm
 from ..errors import DistLoadError
+from ..plan.items import RankInfo
+from .comm import DEFAULT_TIMEOUT_S, Comm, LocalComm, TorchComm
 from .groups import check_group_device
-from ..plan.load_plan import RankInfo
-
-DEFAULT_TIMEOUT_S = 300.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -23,6 +23,9 @@ import torch
 
 from ..errors import DistLoadError
 
+# Collective timeout (seconds) when distload creates the process group, and each MPI call's deadline.
+DEFAULT_TIMEOUT_S = 300.0
+
 
 def describe(exc: BaseException) -> str:
     """One line for the error report: DistLoadErrors speak for themselves."""

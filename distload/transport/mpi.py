@@ -1,4 +1,4 @@
-"""The :class:`~distload.comm.Comm` interface on mpi4py, for CPU clusters without NCCL
+"""The :class:`~distload.transport.comm.Comm` interface on mpi4py, for CPU clusters without NCCL
 and for jobs that already run inside MPI.
 
 Selected with ``load_checkpoint(..., comm="mpi")`` or ``--comm mpi``. The plan,
@@ -38,9 +38,8 @@ from typing import Any
 
 import torch
 
-from .bootstrap import DEFAULT_TIMEOUT_S
-from .comm import Comm
 from ..errors import DistLoadError
+from .comm import DEFAULT_TIMEOUT_S, Comm
 
 # MPI counts are C ints; stay well below 2**31 per call.
 _MAX_BYTES = 1 << 30

@@ -1,0 +1,34 @@
+"""The load schedule: the one sequence of broadcast, scatter and slice steps that every rank walks.
+
+Pure and the same on every rank: derived from the plan alone, so the
+collectives of all ranks match. The transfer loop
+(:mod:`distload.transfer.loop`) runs it; the dry run measures it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .items import Chunk
+from .load_plan import LoadPlan
+from .shard_plan import ScatterChunk
+
+BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One item of the schedule: what moves (``item``) and how (``kind``)."""
+
+    kind: str
+    item: Chunk | ScatterChunk
+
+
+def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
+    """(pure, every rank alike) Broadcasts, then scatters, then the slice reads of ``rank`` (None: every rank's)."""
+    steps = [Step(BROADCAST, c) for c in plan.chunks if c.nbytes]
+    sp = plan.sharded
+    if sp is not None:
+        steps += [Step(SCATTER, c) for c in sp.scatters if c.seg_bytes]
+        steps += [Step(SLICE, c) for c in (sp.slices if rank is None else sp.slices_of(rank)) if c.nbytes]
+    return tuple(steps)
