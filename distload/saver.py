@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DistLoadError, add_context
+from .format.discover import expand_path
 from .format.dtypes import TORCH_DTYPES
 from .io.writer import (
     OutFile,
@@ -87,7 +88,8 @@ def save_checkpoint(
         model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
             every non-meta tensor of its state dict is written (non-persistent buffers are not).
         path: the checkpoint directory. An existing checkpoint there is replaced only once the
-            new one is complete; its other files (a tokenizer, a README) are kept.
+            new one is complete; its other files (a tokenizer, a README) are kept. ``~`` and
+            ``$VARS`` are expanded (:func:`distload.format.discover.expand_path`).
         max_shard_size: the largest file, as bytes or ``"5GB"`` / ``"500MiB"``
             (a single larger tensor gets a file of its own, as in transformers).
         dtype: cast floating-point tensors to this dtype as they are written.
@@ -110,7 +112,7 @@ def save_checkpoint(
     transport = make_comm(device, process_group, timeout_s, comm)
     if not bucket_mb > 0:
         raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
-    return _Save(transport, model, Path(path), parse_size(max_shard_size), dtype,
+    return _Save(transport, model, expand_path(path), parse_size(max_shard_size), dtype,
                  int(bucket_mb * (1 << 20))).run()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DistLoadError
 from ..storage.files import open_checked, open_regular, read_all
-from .discover import PICKLE_HELP, PICKLE_SUFFIXES, find_checkpoint
+from .discover import PICKLE_SUFFIXES, find_checkpoint, pickle_help
 from .dtypes import DTYPES, torch_shape
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces, per file
@@ -106,7 +106,7 @@ def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
             raise DistLoadError(f"index {index_path.name}: weight_map[{key!r}] is not a file name")
         if fname.endswith(PICKLE_SUFFIXES):
             raise DistLoadError(f"index {index_path.name} maps {key!r} to {fname!r}: "
-                                + PICKLE_HELP.format(what=fname))
+                                + pickle_help(index_path.parent, [fname]))
     meta = doc.get("metadata")
     total = meta.get("total_size") if isinstance(meta, dict) else None
     if isinstance(total, bool) or not isinstance(total, int):
