@@ -86,12 +86,13 @@ def load_checkpoint(
 
     Args:
         model: the module to fill; meta parameters get real memory on ``device``.
-        path: a checkpoint directory, a ``.safetensors`` file or an index file.
+        path: a checkpoint directory, a ``.safetensors`` file, an index file, or a
+            Hub repo id (``org/name``) in the local cache; ``~`` and ``$VARS`` are expanded.
         device: ``"cpu"`` (default) or ``"cuda"`` (this rank's GPU from ``LOCAL_RANK``).
         dtype: cast floating-point parameters to this dtype (e.g. ``torch.bfloat16``).
         strict: raise on missing or unexpected keys; otherwise report them
-            (missing meta parameters are zero-filled, and a warning and the
-            report's warnings name them; real ones keep their values).
+            (missing meta parameters are zero-filled, and a ``UserWarning`` on
+            rank 0 and the report's ``missing_keys`` name them; real ones keep their values).
         bucket_mb: size of the coalescing buckets and of each transfer.
         timeout_s: collective timeout when distload creates the process group
             (a rank that stops answering fails the load after this long). A
@@ -127,8 +128,8 @@ def load_checkpoint(
             model with layers removed): checkpoint keys it has no place for are
             neither read nor errors (the report lists them as ignored).
             Every model key must still be filled under ``strict``.
-        revision: with a Hub repo id as ``path``: the branch, tag or commit to
-            load from the local cache (default: the cached ``main``).
+        revision: with a Hub repo id as ``path``: the branch, tag or commit (or a
+            unique prefix of a cached commit) to load from the local cache (default: ``main``).
 
     Example::
 
@@ -526,8 +527,8 @@ class _Load:
             converted_keys=[k for g in self.keys.gathered for k in g.sources],
             ops_run=list(self.ops_run),
             op_source_bytes=self.op_source_bytes,
-            warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files]
-            + ([_missing_warning(self.keys.missing)] if self.keys.missing else []),
+            # missing keys are in missing_keys (and the summary), not repeated here
+            warnings=list(plan.warnings) + [f"index lists {k} but its file lacks it" for k in plan.missing_in_files],
             peak_rss_bytes=peak_rss_bytes(),
             chunks=chunks,
             buffer_bytes=self.buffer_bytes,
