@@ -25,13 +25,16 @@ Under torchrun the failing ranks also write torchrun's error file, so the
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import inspect
 import json
 import os
 import re
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +42,7 @@ import torch
 from torch import nn
 
 from . import DistLoadError, empty_init, load_checkpoint, plan_checkpoint
-from .format.discover import resolve_checkpoint
+from .format.discover import expand_path, resolve_checkpoint
 from .loader import load_state_dict_with_report
 from .plan.load_plan import DEFAULT_BUCKET_MB
 from .plan.shard_plan import READ_POLICIES
@@ -89,9 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG, formatter_class=_HelpFormatter,
     )
     p.add_argument("path", help="checkpoint directory, .safetensors file, *.safetensors.index.json, "
-                                "or a Hub repo id (org/name) in the local cache")
+                                "or a Hub repo id (org/name) in the local cache; ~ and $VARS are expanded")
     p.add_argument("--revision", default=None,
-                   help="with a Hub repo id: the branch, tag or commit to load from the local cache")
+                   help="with a Hub repo id: the branch, tag, commit or unique commit prefix to load "
+                        "from the local cache (default: main)")
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; none: state dict only; "
                         "pkg.module:factory: call factory() (or factory(path)) under empty_init; "
@@ -105,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "own slice reads; the node's cores shared among its ranks for reads that feed a collective)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail on missing or unexpected keys, or (--no-strict) only report them")
+    p.add_argument("--subset", action="store_true",
+                   help="the model holds part of the checkpoint (a pipeline stage, a --model factory with layers "
+                        "removed): checkpoint keys it has no place for are not read and not errors")
     p.add_argument("--comm", default="torch", choices=COMMS,
                    help="transport: torch (torch.distributed, set up from torchrun, srun or mpiexec) "
                         "or mpi (mpi4py, for CPU clusters without NCCL or jobs already inside MPI)")
@@ -124,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "every tensor Shard(0) over all N ranks, and print the plan bytes each rank receives "
                         "and the planning seconds")
     p.add_argument("--report", metavar="OUT.json",
-                   help="rank 0 writes every rank's report to this file (checked for writability before loading)")
+                   help="rank 0 writes every rank's report to this file as JSON (checked before loading by "
+                        "creating it; ~ and $VARS are expanded)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
     return p.parse_args(argv)
@@ -179,17 +187,44 @@ def check_args(args: argparse.Namespace) -> Settings:
 
 
 def check_report_path(path: str) -> None:
-    """(rank 0) Fail before loading when ``--report`` could not be written after it."""
-    out = Path(path)
+    """(rank 0) Fail before loading when ``--report`` could not be written after it.
+
+    Permission bits do not say whether a file can be created (root on a
+    read-only mount, ``/sys``, a FUSE mount that refuses), so this creates
+    the file and removes it again, or opens an existing one for appending
+    without changing it.
+    """
+    out = expand_path(path)
+    parent = out.parent
     if out.is_dir():
         raise DistLoadError(f"--report {path}: is a directory; name a file, e.g. {out / 'report.json'}")
-    parent = out.parent if str(out.parent) else Path(".")
+    blocker = next((d for d in reversed(parent.parents) if d.exists() and not d.is_dir()), None)
+    if blocker is None and parent.exists() and not parent.is_dir():
+        blocker = parent
+    if blocker is not None:
+        raise DistLoadError(f"--report {path}: {blocker} is a file, not a directory")
     if not parent.is_dir():
         raise DistLoadError(f"--report {path}: directory {parent} does not exist")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise DistLoadError(f"--report {path}: file is not writable")
-    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise DistLoadError(f"--report {path}: cannot create files in {parent}")
+    try:
+        if out.exists():
+            with open(out, "a"):
+                pass
+        else:
+            with open(out, "x"):
+                pass
+            out.unlink()
+    except OSError as e:
+        raise DistLoadError(f"--report {path}: cannot write the report there: {e.strerror or e}") from None
+
+
+def write_report(path: str, report: dict) -> None:
+    """(rank 0, after the load) Write ``--report``; a failure names the option and the path."""
+    try:
+        with open(expand_path(path), "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise DistLoadError(f"--report {path}: the load succeeded, but writing the report failed: "
+                            f"{e.strerror or e}") from None
 
 
 def build_model(spec: str, path: str) -> nn.Module | None:
@@ -266,21 +301,21 @@ def main(argv: list[str] | None = None) -> int:
         # first rank of each node does.
         rank = _launch_rank()
         device_error = str(e).startswith("--device")
-        return _fail(e, rank, speak=rank == 0 or (device_error and local_rank() == 0), error_file=True)
+        return _fail(e, rank, speak=rank == 0 or (device_error and local_rank() == 0))
     try:
         return _run(args, settings)
     except _PreGroupError as e:  # building the model: every rank alike, before the group
         rank = _launch_rank()
-        return _fail(e, rank, speak=rank == 0, error_file=True)
+        return _fail(e, rank, speak=rank == 0)
     except DistLoadError as e:
         rank = _rank()
-        _fail(e, rank, speak=rank == 0 or not e.agreed, error_file=rank == 0 or not e.agreed)
+        _fail(e, rank, speak=rank == 0 or not e.agreed)
         if not e.agreed:
             _abort_mpi_job()
         return 1
     except Exception as e:  # not agreed (a report write, a transport that failed to start): still one line
         rank = _rank()
-        _fail(DistLoadError(f"{type(e).__name__}: {e}"), rank, speak=True, error_file=True)
+        _fail(DistLoadError(f"{type(e).__name__}: {e}"), rank, speak=True)
         _abort_mpi_job()  # a collective may still be pending (an MPI timeout): finalizing would wait on it
         return 1
     finally:
@@ -319,7 +354,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         error = e
     comm.agree("setup", error)
     if args.dry_run:
-        model_args = dict(model=model, strict=args.strict, read_policy=args.read_policy) if model is not None else {}
+        model_args = (dict(model=model, strict=args.strict, subset=args.subset, read_policy=args.read_policy)
+                      if model is not None else {})
         plan = _cli_wording(plan_checkpoint)(args.path, device=args.device, bucket_mb=args.bucket_mb,
                                              timeout_s=args.timeout_s, comm=args.comm, **model_args)
         if comm.rank == 0:
@@ -333,15 +369,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if model is None:
         _, report = _cli_wording(load_state_dict_with_report)(args.path, **common)
     else:
-        report = _cli_wording(load_checkpoint)(model, args.path, strict=args.strict,
-                                               read_policy=args.read_policy, **common)
+        with warnings.catch_warnings():  # the summary below lists missing keys; say it once
+            warnings.filterwarnings("ignore", message=MISSING_KEYS_WARNING)
+            report = _cli_wording(load_checkpoint)(model, args.path, strict=args.strict, subset=args.subset,
+                                                   read_policy=args.read_policy, **common)
         still_meta = [n for n, p in model.named_parameters() if p.is_meta]
         if still_meta:
             raise DistLoadError(f"parameters left on meta after the load: {still_meta[:5]}")
     if report.rank == 0:
         print(report.summary())
         if args.report:
-            Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+            write_report(args.report, report.to_dict())
     return 0
 
 
@@ -353,7 +391,8 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-_LIBRARY_HINTS = {"pass strict=False": "pass --no-strict"}
+_LIBRARY_HINTS = {"pass strict=False": "pass --no-strict", "or subset=True": "or --subset"}
+MISSING_KEYS_WARNING = r"distload: \d+ model key\(s\) are not in the checkpoint"
 
 
 def _cli_wording(fn):
@@ -383,16 +422,34 @@ def _reworded(e: DistLoadError) -> DistLoadError:
                          failures={r: fix(m) for r, m in e.failures.items()})
 
 
-def _fail(e: DistLoadError, rank: int, *, speak: bool, error_file: bool) -> int:
+def _fail(e: DistLoadError, rank: int, *, speak: bool) -> int:
     """Print ``e`` as distload's one line (where ``speak``) and record it for torchrun; returns 1."""
     # Agreed errors, and broken collectives (whose message names the failing ranks), speak for
     # themselves; anything else is labelled with the rank that saw it.
     names_ranks = e.agreed or bool(e.failures)
     line = f"distload: error: {e.one_line()}" if names_ranks else f"distload: error (rank {rank}): {e.one_line()}"
+    done = {"printed": not speak}
+
+    def on_sigterm(*_) -> None:
+        # torchrun stops the other workers with SIGTERM as soon as one exits. A rank that has
+        # failed too finishes its report and exits 1, so torchrun's summary shows its line,
+        # not "Signal 15".
+        if not done["printed"]:
+            os.write(2, (line + "\n").encode())
+        _write_torchrun_error_file(line)
+        os._exit(1)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+        # Python restores the default action before it tears down its modules; by then this rank
+        # has said everything, and ignoring SIGTERM lets it end with its own status.
+        atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # main() called off the main thread: leave signals alone
+        pass
     if speak:
         print(line, file=sys.stderr, flush=True)
-    if error_file:
-        _write_torchrun_error_file(line)
+        done["printed"] = True
+    _write_torchrun_error_file(line)
     return 1
 
 
