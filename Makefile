@@ -11,8 +11,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch is pinned in constraints.txt: 2.13.0 is the CPU build on this machine's disk.
+# torch is pinned in constraints.txt (2.13.0); pip takes the build its indexes offer: PyPI's CUDA
+# build, or the CPU build from a local wheel store. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# installs the CPU build from PyTorch's index first (see README.md, "Install").
+TORCH_INDEX ?=
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q -c constraints.txt --index-url $(TORCH_INDEX) torch)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench]'
 	touch $@
 
