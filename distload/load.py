@@ -85,7 +85,8 @@ def _prog() -> str:
     return "distload" if Path(sys.argv[0]).name == "distload" else "python -m distload.load"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (the README's table is checked against them)."""
     p = argparse.ArgumentParser(
         prog=_prog(),
         description="Load a sharded safetensors checkpoint on every rank, reading each file once per job.",
@@ -135,7 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "creating it; ~ and $VARS are expanded)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on rank 0 (default: when stderr is a terminal)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def checkpoint_dir(path: str) -> Path:

@@ -52,7 +52,8 @@ Exit status 0 means the new checkpoint is complete; otherwise 1, with one error 
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (the README's table is checked against them)."""
     p = argparse.ArgumentParser(
         prog="python -m distload.save",
         description="Re-shard a checkpoint: load SRC on every rank (each file read once per job), then save it "
@@ -89,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transport: torch (torch.distributed) or mpi (mpi4py)")
     p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                    help="collective timeout in seconds when distload creates the process group")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _check(args: argparse.Namespace):
