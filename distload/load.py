@@ -252,7 +252,7 @@ def build_model(spec: str, path: str) -> nn.Module | None:
         raise DistLoadError(f"cannot import model factory {spec}: {e}") from None
     takes_path = bool(inspect.signature(factory).parameters)
     with empty_init():
-        model = factory(str(path)) if takes_path else factory()
+        model = factory(str(expand_path(path))) if takes_path else factory()
     if not isinstance(model, nn.Module):
         raise DistLoadError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -400,14 +400,14 @@ _LIBRARY_HINTS = {"pass strict=False": "pass --no-strict", "or subset=True": "or
 MISSING_KEYS_WARNING = r"distload: \d+ model key\(s\) are not in the checkpoint"
 
 
-def _cli_wording(fn):
+def _cli_wording(fn, hints: dict[str, str] = _LIBRARY_HINTS):
     """``fn`` with the library's hints rephrased as the command line's options (``--no-strict``)."""
 
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DistLoadError as e:
-            fixed = _reworded(e)
+            fixed = _reworded(e, hints)
             if fixed is e:
                 raise
             raise fixed from e.__cause__
@@ -415,13 +415,13 @@ def _cli_wording(fn):
     return call
 
 
-def _reworded(e: DistLoadError) -> DistLoadError:
+def _reworded(e: DistLoadError, hints: dict[str, str]) -> DistLoadError:
     def fix(text: str) -> str:
-        for lib, cli in _LIBRARY_HINTS.items():
+        for lib, cli in hints.items():
             text = text.replace(lib, cli)
         return text
 
-    if not any(lib in str(e) for lib in _LIBRARY_HINTS):
+    if not any(lib in str(e) for lib in hints):
         return e
     return DistLoadError(fix(str(e)), phase=e.phase, agreed=e.agreed, tracebacks=e.tracebacks,
                          failures={r: fix(m) for r, m in e.failures.items()})

@@ -52,6 +52,15 @@ Exit status 0 means the new checkpoint is complete; otherwise 1, with one error 
 """
 
 
+# The load's hints name options this command does not have: saving a partial or zero-filled model
+# would write a checkpoint that looks complete, so the save re-shards complete checkpoints only.
+SAVE_HINTS = {
+    ", or subset=True if the model holds part of the checkpoint": "",
+    "pass strict=False to load what matches": "distload.save re-shards complete checkpoints only: fix config.json, "
+                                              "or pass --model pkg.module:factory",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's options (the README's table is checked against them)."""
     p = argparse.ArgumentParser(
@@ -162,8 +171,9 @@ def _run(args: argparse.Namespace, settings) -> int:
 
         fully_shard_blocks(model, settings.device, args.timeout_s)
     dtype = hf_dtype(checkpoint_dir(args.src)) if settings.model == "hf" else None
-    _cli_wording(load_checkpoint)(model, args.src, device=settings.device, dtype=dtype, bucket_mb=args.bucket_mb,
-                                  timeout_s=args.timeout_s, comm=args.comm, read_policy=args.read_policy)
+    _cli_wording(load_checkpoint, SAVE_HINTS)(model, args.src, device=settings.device, dtype=dtype,
+                                              bucket_mb=args.bucket_mb, timeout_s=args.timeout_s, comm=args.comm,
+                                              read_policy=args.read_policy)
     out_dtype = DTYPES[args.dtype] if args.dtype != "auto" else None
     report = save_checkpoint(model, args.dst, max_shard_size=args.max_shard_size, dtype=out_dtype,
                              bucket_mb=args.bucket_mb, timeout_s=args.timeout_s, comm=args.comm)

@@ -352,3 +352,14 @@ def test_save_cli_fsdp_without_a_launcher_says_what_works(tmp_path, llama_ckpt):
     assert _one_error(proc) == ("distload: error (rank 0): --mode fsdp needs a distributed launch (torchrun, srun or "
                                 "mpiexec); in one process use --mode replicated (the default there)")
     assert not (tmp_path / "out").exists()
+
+
+def test_save_cli_refuses_a_checkpoint_that_does_not_match_its_model(tmp_path, llama_ckpt):
+    cfg = json.loads((llama_ckpt / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False  # lm_head.weight missing: a save would write it zero-filled
+    (llama_ckpt / "config.json").write_text(json.dumps(cfg))
+    proc = _cli(tmp_path, "distload.save", str(llama_ckpt), "out")
+    assert _one_error(proc) == ("distload: error: plan failed on rank 0: checkpoint does not match the model: "
+                                "missing keys (1): lm_head.weight (distload.save re-shards complete checkpoints only: "
+                                "fix config.json, or pass --model pkg.module:factory)")
+    assert not (tmp_path / "out").exists()
