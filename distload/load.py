@@ -85,6 +85,10 @@ def _prog() -> str:
     return "distload" if Path(sys.argv[0]).name == "distload" else "python -m distload.load"
 
 
+REVISION_HELP = ("with a Hub repo id: the branch, tag, commit or unique commit prefix to load from the local "
+                 "cache (default: main)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's options (the README's table is checked against them)."""
     p = argparse.ArgumentParser(
@@ -94,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="checkpoint directory, .safetensors file, *.safetensors.index.json, "
                                 "or a Hub repo id (org/name) in the local cache; ~ and $VARS are expanded")
-    p.add_argument("--revision", default=None,
-                   help="with a Hub repo id: the branch, tag, commit or unique commit prefix to load "
-                        "from the local cache (default: main)")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; none: state dict only; "
                         "pkg.module:factory: call factory() (or factory(path)) under empty_init; "

@@ -20,6 +20,7 @@ from .errors import DistLoadError
 from .format.discover import expand_path, unset_variables
 from .load import (
     DTYPES,
+    REVISION_HELP,
     _cli_wording,
     _describe,
     _fail,
@@ -73,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "or a Hub repo id (org/name) in the local cache; ~ and $VARS are expanded")
     p.add_argument("dst", help="directory to save into (created, or replaced once the new checkpoint is "
                                "complete); ~ and $VARS are expanded")
-    p.add_argument("--revision", default=None,
-                   help="with a Hub repo id: the branch, tag, commit or unique commit prefix to load "
-                        "from the local cache (default: main)")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; pkg.module:factory: call factory() "
                         "(or factory(path)) under empty_init; auto: hf")
