@@ -340,12 +340,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.world is not None:  # one process: no model, no group
         return _print_plan_cost(args)
     # Built for dry runs too: the plan then shows key conversions and what each rank reads.
-    try:
-        model = build_model(settings.model, args.path)
-    except DistLoadError as e:
-        raise _PreGroupError(str(e)) from e
-    except Exception as e:  # a factory's or transformers' own error
-        raise _PreGroupError(_describe(e)) from e
+    model = _build_before_group(settings.model, args.path)
     if args.mode == "fsdp" and not init_distributed(settings.device, args.timeout_s):  # FSDP2 needs torch's group
         raise DistLoadError("--mode fsdp needs a distributed launch (torchrun, srun or mpiexec)")
     comm = make_comm(settings.device, None, args.timeout_s, args.comm)  # the group exists from here on
@@ -392,6 +387,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 class _PreGroupError(DistLoadError):
     """Building the model failed, before the process group existed."""
+
+
+def _build_before_group(spec: str, path: str) -> nn.Module | None:
+    """(every rank, no group yet) :func:`build_model`, its failures as :class:`_PreGroupError`."""
+    try:
+        return build_model(spec, path)
+    except DistLoadError as e:
+        raise _PreGroupError(str(e)) from e
+    except Exception as e:  # a factory's or transformers' own error
+        raise _PreGroupError(_describe(e)) from e
 
 
 def _describe(e: BaseException) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from .errors import DistLoadError
 from .format.discover import expand_path, unset_variables
 from .load import (
     DTYPES,
     REVISION_HELP,
+    _build_before_group,
     _cli_wording,
     _describe,
     _fail,
@@ -29,7 +28,6 @@ from .load import (
     _PreGroupError,
     _rank,
     _shutdown,
-    build_model,
     check_args,
     checkpoint_dir,
     hf_dtype,
@@ -152,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings) -> int:
     """(every rank) Build the model (before the group, as the load CLI does), load, save, report."""
-    try:
-        model = build_model(settings.model, args.src)
-    except DistLoadError as e:
-        raise _PreGroupError(str(e)) from e
-    except Exception as e:  # a factory's or transformers' own error
-        raise _PreGroupError(_describe(e)) from e
+    model = _build_before_group(settings.model, args.src)
     launch = detect_launch()
     mode = args.mode
     if mode == "auto":
