@@ -246,14 +246,19 @@ class _Save:
         try:
             self.tensors = state_tensors(self.model)
             digest = hashlib.sha256(repr(signature(self.tensors)).encode()).hexdigest()
-            mine = (rank_info(self.comm.rank), digest, None)
+            mine = (rank_info(self.comm.rank), digest, None, self.comm.device.type)
         except Exception as e:
-            local, mine = e, (None, None, (describe(e), format_traceback(e)))
+            local, mine = e, (None, None, (describe(e), format_traceback(e)), None)
         gathered = self.comm.all_gather_object(mine)
         bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
         if bad:
             raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
                                               {r: m[1] for r, m in bad.items()}) from local
+        devices = [g[3] for g in gathered]
+        if len(set(devices)) > 1:  # the device type decides the agreement schedule: a mix would hang
+            raise DistLoadError.from_failures("plan", {r: f"its model is on {d} but rank 0's is on {devices[0]}; "
+                                                          "every rank must save from the same device type"
+                                                       for r, d in enumerate(devices) if d != devices[0]})
         digests = [g[1] for g in gathered]
         if len(set(digests)) > 1:
             odd = [r for r, d in enumerate(digests) if d != digests[0]]
