@@ -5,8 +5,9 @@ safetensors checkpoint from a replicated, FSDP2, tensor-parallel or 2-D mesh
 model. Files are spread over ranks (balanced by bytes, nodes first); a
 DTensor's pieces travel point to point to the writer of their file, each
 rank sending exactly the elements it holds; plain tensors are written by the
-writer from its own memory. See :mod:`distload.io.writer` for how the result
-appears atomically.
+writer from its own memory. See :mod:`distload.io.writer` for staging and
+:mod:`distload.io.commit` for how the result replaces the folder, and what a
+failure leaves there.
 
 The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
 """
