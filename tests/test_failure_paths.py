@@ -408,10 +408,10 @@ def test_a_timed_out_mpi_point_to_point_transfer_keeps_its_buffer_until_it_compl
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install 'distload[mpi]' provides mpich's)")
     pytest.importorskip("mpi4py")
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(TESTS / "mpi_p2p_stranded_check.py"),
-                           str(tmp_path)], env=clean_env(), capture_output=True, text=True, timeout=100)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(TESTS / "mpi_stranded_check.py"), str(tmp_path),
+                           "p2p"], env=clean_env(), capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = json.loads((tmp_path / "rank0.json").read_text())
     assert seen == {"timed_out": True, "alive_after_timeout": True, "stranded_after_timeout": 1,
-                    "zeros_until_the_sender_sends": True, "released_after_completion": True,
+                    "zeros_until_the_root_sends": True, "released_after_completion": True,
                     "stranded_after_completion": 0}

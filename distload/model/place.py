@@ -194,7 +194,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
                 else:
                     data = None  # already right: the parameter itself is the destination
                 new = p if data is None else nn.Parameter(data, requires_grad=p.requires_grad)
-                if p.device.type == "meta" and _swap_in(p, new):
+                if p.device.type == "meta" and _swap(p, new):
                     new = p  # the same object, now with real memory
                 replaced[id(p)] = new
             undo.append((module, "_parameters", name, p))
@@ -230,17 +230,22 @@ def restore_plain(undo: list) -> None:
         if slot == "_parameters" and old.device.type != "meta":
             real[id(old)] = old
     for p in real.values():
-        if not _to_meta_in_place(p):  # it cannot be swapped: one new meta parameter in all its slots, still tied
-            twin = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+        if not _swap(p, _meta_twin(p)):  # it cannot be swapped: one new meta parameter in all its slots, still tied
+            twin = _meta_twin(p)
             for module, slot, name, old in undo:
                 if old is p:
                     getattr(module, slot)[name] = twin
     undo.clear()
 
 
-def _swap_in(p: torch.Tensor, new: nn.Parameter) -> bool:
-    """Give the parameter ``p`` the contents of ``new``, keeping the object; False where that cannot be done."""
-    if type(p) is not nn.Parameter:
+def _swap(p: torch.Tensor, new: torch.Tensor) -> bool:
+    """Give ``p`` the contents of ``new`` of the same type, keeping the Python object; False if it cannot be.
+
+    ``swap_tensors`` refuses objects with weak references or other holders of
+    their data (a live autograd graph); a subclass of Parameter is not
+    swapped (``new`` would change its type).
+    """
+    if type(p) is not type(new):
         return False
     try:
         torch.utils.swap_tensors(p, new)
@@ -249,23 +254,10 @@ def _swap_in(p: torch.Tensor, new: nn.Parameter) -> bool:
     return True
 
 
-def _to_meta_in_place(p: torch.Tensor) -> bool:
-    """Make ``p`` a meta tensor of its shape and dtype, keeping the Python object; False if it cannot be.
-
-    ``swap_tensors`` refuses objects with weak references or other holders of
-    their data (a live autograd graph); a subclass of Parameter would change
-    type, so it is not swapped either.
-    """
+def _meta_twin(p: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``p``'s shape and dtype: a Parameter (with its ``requires_grad``) for a parameter."""
     meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-    if type(p) is nn.Parameter:
-        meta = nn.Parameter(meta, requires_grad=p.requires_grad)
-    elif type(p) is not torch.Tensor:
-        return False
-    try:
-        torch.utils.swap_tensors(p, meta)
-    except RuntimeError:
-        return False
-    return True
+    return nn.Parameter(meta, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else meta
 
 
 def model_placement(model: nn.Module, device: torch.device, dtype: torch.dtype | None, st_dtypes: dict[str, str],
