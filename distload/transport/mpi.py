@@ -218,12 +218,10 @@ class MpiComm(Comm):
         for request in requests:
             self._wait(request, "point-to-point transfer")
 
-    def failed_ranks(self, failed: bool) -> list[int]:
-        status = torch.zeros(self.world_size, dtype=torch.int32)
-        if failed:
-            status[self.rank] = 1
+    def any_failed(self, failed: bool) -> bool:
+        status = torch.tensor([int(failed)], dtype=torch.int32)
         out = torch.zeros_like(status)
-        self._wait(self._comm.Iallreduce([host_bytes(status), self.world_size, self._MPI.INT32_T],
-                                         [host_bytes(out), self.world_size, self._MPI.INT32_T], op=self._MPI.MAX),
+        self._wait(self._comm.Iallreduce([host_bytes(status), 1, self._MPI.INT32_T],
+                                         [host_bytes(out), 1, self._MPI.INT32_T], op=self._MPI.MAX),
                    "status all-reduce", status, out)
-        return [r for r, v in enumerate(out.tolist()) if v]
+        return bool(out.item())
