@@ -532,15 +532,16 @@ SILENT_WAIT_S = 3.0
 def broken_error(comm: Comm, what: str, phase: str, tag: str, e: BaseException) -> DistLoadError:
     """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
 
-    A timeout means some rank stopped answering: check in through the
-    transport's side channel for a few seconds and name the ranks that did
-    not. A dead peer (connection reset) is reported at once: the launcher
-    names it and stops the survivors. Then the transport's queued device
-    collectives are aborted (:meth:`Comm.abort`: NCCL), so the caller's
-    stream does not stay stuck behind them. ``tag`` must be the same on
-    every rank and unique per operation; ``what`` names it ("distload",
+    First the transport's queued device collectives are aborted
+    (:meth:`Comm.abort`: NCCL), so the caller's stream does not stay stuck
+    behind them. A timeout means some rank stopped answering: check in
+    through the transport's side channel for a few seconds and name the
+    ranks that did not. A dead peer (connection reset) is reported at once:
+    the launcher names it and stops the survivors. ``tag`` must be the same
+    on every rank and unique per operation; ``what`` names it ("distload",
     "distload save").
     """
+    comm.abort()  # first: NCCL's watchdog may end the process once its own timeout passes
     text = describe(e)
     failures: dict[int, str] = {comm.rank: text}
     hint = " (did another rank die or time out?)"
@@ -552,5 +553,4 @@ def broken_error(comm: Comm, what: str, phase: str, tag: str, e: BaseException) 
             failures.update({r: "did not respond" for r in silent})
     if len(failures) == 1:  # nobody named as silent: the one-line form carries the hint too
         failures[comm.rank] = text + hint
-    comm.abort()
     return DistLoadError(f"{what} {phase} failed on rank {comm.rank}: {text}{hint}", phase=phase, failures=failures)
