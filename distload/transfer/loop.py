@@ -13,16 +13,19 @@ is pure and the same on every rank; each :class:`Step` has a kind:
 - ``slice``: a rank reads its own piece of a tensor; no collective.
 
 Per step, owners read (on a reader thread, ahead of the loop) and every
-rank finds where the bytes land, all inside one ``try``. A tiny status
-all-reduce before the data collective lets every rank agree that nothing
-failed, so no rank is left blocked in a collective another rank skipped.
-On CPU it runs before every :data:`AGREE_EVERY`-th collective only (each
-costs a lockstep round trip, about a millisecond on gloo): a rank whose
-step failed keeps taking part in the collectives up to the next exchange,
+rank finds where the bytes land, all inside one ``try``. A status
+all-reduce of one scalar before every :data:`AGREE_EVERY`-th data
+collective lets every rank agree that nothing failed, so no rank is left
+blocked in a collective another rank skipped: a rank whose step failed
+keeps taking part in the collectives up to the exchange that reports it,
 with a stand-in buffer reserved up front, and commits nothing; then every
-rank raises. On GPUs it runs before every collective, over a gloo side
-group, so it never waits for the device (:class:`~distload.transport.comm.TorchComm`).
-The loop asks the placement only two things: ``resolve`` (can
+rank raises. On CPU each exchange is read at once (a lockstep round trip,
+about a millisecond on gloo). On GPUs it rides the comm stream (an NCCL
+all-reduce, :meth:`~distload.transport.comm.TorchComm.post_status`) and is
+read a window later (:data:`STATUS_LAG`), so it never stalls the device
+pipeline; every host wait there is bounded by ``comm.wait_s``, and on CUDA
+a rank's own slices are spread between the collectives
+(:func:`spread_slices`) and go through the copy stage. The loop asks the placement only two things: ``resolve`` (can
 these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
 names and key conversions stay behind those two calls; the transport never
@@ -37,12 +40,13 @@ or the largest scatter chunk or segment when bigger):
       A stand-in of about B (2 B on scatter owners) is reserved but never
       touched unless this rank's step fails: then it takes part with it.
     - CUDA (:class:`~distload.io.stage.CopyStage`): 3 B of pinned host memory
-      for reads (one being copied, one waiting, one being read; +1 B for
-      slice reads); on the GPU 2 B taken in turn for staging and receiving
-      (one filled while the other is sent), plus the send buffer on scatter
-      owners. Copies run on a copy stream and collectives on a comm stream,
-      ordered by events, so reading, copying and sending overlap without a
-      host sync per step.
+      for reads and own slices (one being copied, one waiting, one being
+      read); on the GPU 2 B taken in turn for staging, receiving and casting
+      (one filled while the other is sent), which also serve as the stand-in
+      (more only when a padded scatter segment exceeds them), plus the send
+      buffer on scatter owners. Copies run on a copy stream and collectives on
+      a comm stream, ordered by events, so reading, copying and sending
+      overlap without a host sync per step.
     None of this grows with ``io_threads``: the threads share each chunk's buffer.
     :attr:`Transfer.buffer_bytes` counts what this rank's pools allocated.
 """
