@@ -464,9 +464,11 @@ class Transfer:
             target = self.placement.resolve(p.name, p.tensor_offset, p.nbytes, self.comm.device)
             staged = self._upload(buf, pooled, target)
             if target is None:
-                with self.stage.on_copy_stream():
-                    self._commit(chunk, chunk.pieces, staged)
-                self.stage.done_copy(staged)
+                try:
+                    with self.stage.on_copy_stream():
+                        self._commit(chunk, chunk.pieces, staged)
+                finally:  # the bucket is reused only after whatever the cast queued
+                    self.stage.done_copy(staged)
             return
         if pooled:
             try:
