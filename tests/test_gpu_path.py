@@ -43,15 +43,29 @@ def gpus(monkeypatch):
 def test_cuda_is_the_local_ranks_gpu(gpus, monkeypatch):
     gpus(8)
     monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert bootstrap.resolve_device("cuda") == torch.device("cuda", 5)
 
 
 def test_a_local_rank_without_a_gpu_of_its_own_is_refused_not_wrapped(gpus, monkeypatch):
     gpus(2)
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with pytest.raises(distload.DistLoadError, match=r"local rank 3 has no GPU of its own.*2 GPU\(s\).*at most 2"):
+    with pytest.raises(distload.DistLoadError,
+                       match=r"^device 'cuda': 4 ranks .* sees 2 GPU\(s\).*local rank 3 has no GPU.*at most 2"):
         bootstrap.resolve_device("cuda")
+
+
+def test_every_rank_of_a_node_with_too_few_gpus_refuses_not_only_the_last(gpus, monkeypatch):
+    gpus(2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(distload.DistLoadError, match=r"4 ranks .* 2 GPU\(s\).*local rank 2 has no GPU"):
+        bootstrap.resolve_device("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert bootstrap.resolve_device("cuda") == torch.device("cuda", 0)
 
 
 def test_a_launcher_that_gives_each_rank_one_gpu_means_cuda_0(gpus, monkeypatch):

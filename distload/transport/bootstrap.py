@@ -51,7 +51,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     count = torch.cuda.device_count()
     bound = bound_device()
     if dev.index is None:
-        return bound if bound is not None else torch.device("cuda", rank_gpu(count))
+        if bound is not None:
+            return bound
+        try:
+            return torch.device("cuda", rank_gpu(count))
+        except DistLoadError as e:
+            raise DistLoadError(f"device {str(spec)!r}: {e}") from None
     if dev.index >= count:
         raise DistLoadError(f"device {str(spec)!r} does not exist: {socket.gethostname()} has {count} GPU(s), "
                             f"cuda:0 to cuda:{count - 1}")
@@ -82,26 +87,40 @@ def rank_gpu(count: int, env: Mapping[str, str] | None = None) -> int:
     lists one, as ``srun --gpus-per-task=1`` does), that one. A local rank
     with no GPU of its own is refused, never wrapped onto another rank's GPU
     (NCCL refuses two ranks on one GPU, with a far less clear message).
+    When the launcher says how many ranks share the node, every one of them
+    refuses, not only those past the last GPU, so none waits for the others.
     """
     env = os.environ if env is None else env
     local = launcher_local_rank(env)
     if local is None:
         return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-    if local < count:
-        return local
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if count == 1 and visible is not None:
         return 0
+    ranks_here = max(local + 1, launcher_local_size(env) or 0)
+    if ranks_here <= count:
+        return local
     raise DistLoadError(
-        f"local rank {local} has no GPU of its own: {socket.gethostname()} shows this process {count} GPU(s) "
-        f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}); start at most {count} rank(s) "
-        "per node, give each rank its own GPU through CUDA_VISIBLE_DEVICES, or pass device='cuda:N'")
+        f"{ranks_here} ranks on {socket.gethostname()} but this process sees {count} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}), so local rank "
+        f"{max(local, count)} has no GPU of its own; start at most {count} rank(s) per node, give each rank "
+        "its own GPU through CUDA_VISIBLE_DEVICES, or pass device='cuda:N'")
 
 
 def launcher_local_rank(env: Mapping[str, str] | None = None) -> int | None:
     """This process's index on its node, from whichever launcher started it; None without one."""
     env = os.environ if env is None else env
     for var in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
+
+def launcher_local_size(env: Mapping[str, str] | None = None) -> int | None:
+    """How many ranks the launcher started on this node; None when it does not say."""
+    env = os.environ if env is None else env
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "PMI_LOCAL_SIZE"):
         if env.get(var, "").isdigit():
             return int(env[var])
     return None
