@@ -1,9 +1,17 @@
-"""The CUDA data path: pinned staging, copy stream, comm stream and events (skipped without CUDA).
+"""The CUDA data path, on a real GPU (skipped without CUDA); ``benchmarks/gpu_check.sh`` runs it.
 
-Ordering is checked the hard way: ``torch.cuda._sleep`` makes each copy and
-each collective lag behind the host, so a staging buffer recycled before its
-copy finished, or a device bucket refilled before its collective and
-unpacking finished, would corrupt the bytes the test compares.
+- Pinned staging, copy stream, comm stream and events. Ordering is checked the
+  hard way: ``torch.cuda._sleep`` makes each copy and each collective lag
+  behind the host, so a staging buffer recycled before its copy finished, or a
+  device bucket refilled before its collective and unpacking finished, would
+  corrupt the bytes the test compares.
+- The real torch.distributed path on one GPU: a one-rank NCCL group with
+  ``DISTLOAD_WORLD1_COLLECTIVES=1`` (``tests/world1.py``): replicated, FSDP2
+  scatter and slice (with and without a cast), an injected read error.
+- Pinned memory given back, the report's clock after the device, reader
+  threads on the rank's GPU.
+- With two GPUs: a 2-rank ``torchrun`` job (``tests/cuda_worker.py``) on the
+  caller's own NCCL group, and a hung peer.
 """
 
 from __future__ import annotations
