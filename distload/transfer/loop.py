@@ -238,18 +238,22 @@ class Transfer:
         mine = [s for s in self.steps if s.item.owner == rank] if error is None else []
         counter = _Progress(self.plan, self.steps)
         try:
-            if error is None and self.stage is not None:
-                # One reader, in the loop's order, for the chunks this rank sends and its own slices:
-                # they share the pinned buckets and the copy stream.
-                threads = self.slice_threads if any(s.kind == SLICE for s in mine) else self.feed_threads
-                self.reader = self.slicer = ChunkReader(
-                    self.plan, self.fds, [s.item for s in mine], self.read, lambda c: None, io_threads=threads,
-                    ahead=self.stage.read_ahead, device=comm.device)
-            elif error is None:
-                self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                          read_target, io_threads=self.feed_threads)
-                self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
-                                          self.slice, slice_target, io_threads=self.slice_threads)
+            if error is None:
+                try:  # a thread that cannot start (a pids limit) is agreed before the first collective
+                    if self.stage is not None:
+                        # One reader, in the loop's order, for the chunks this rank sends and its own
+                        # slices: they share the pinned buckets and the copy stream.
+                        threads = self.slice_threads if any(s.kind == SLICE for s in mine) else self.feed_threads
+                        self.reader = self.slicer = ChunkReader(
+                            self.plan, self.fds, [s.item for s in mine], self.read, lambda c: None,
+                            io_threads=threads, ahead=self.stage.read_ahead, device=comm.device)
+                    else:
+                        self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE],
+                                                  self.read, read_target, io_threads=self.feed_threads)
+                        self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                                                  self.slice, slice_target, io_threads=self.slice_threads)
+                except Exception as e:
+                    error = add_context(e, "starting this rank's read threads")
             for step in self.steps:
                 if step.kind == SLICE:
                     if step.item.owner == rank and error is None:
