@@ -17,8 +17,8 @@ from .saver import DEFAULT_BUCKET_MB, save_checkpoint
 def main(argv: list[str] | None = None) -> int:
     """Re-shard a checkpoint: load it (replicated, or FSDP2 with ``--mode fsdp``), save it again."""
     p = argparse.ArgumentParser(prog="python -m distload.save", description=main.__doc__)
-    p.add_argument("src", help="checkpoint to load (directory, .safetensors or index)")
-    p.add_argument("dst", help="directory to save into")
+    p.add_argument("src", help="checkpoint to load (directory, .safetensors, index or s3://bucket/prefix)")
+    p.add_argument("dst", help="directory (or s3://bucket/prefix) to save into")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     p.add_argument("--mode", choices=("replicated", "fsdp"), default="fsdp",
                    help="hold the model replicated or FSDP2-sharded between load and save (default fsdp)")

@@ -18,8 +18,8 @@ import hashlib
 import itertools
 import math
 import os
-import secrets
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,16 +27,7 @@ from torch import nn
 
 from .errors import DistLoadError, add_context
 from .format.dtypes import TORCH_DTYPES
-from .io.writer import (
-    OutFile,
-    StagingPool,
-    WriteQueue,
-    commit,
-    remove_stage,
-    stage_dir,
-    write_all,
-    write_small,
-)
+from .io.writer import LocalSink, StagingPool, WriteQueue
 from .model.dtensor import is_dtensor, shardings
 from .model.save_keys import output_tensors, signature, state_tensors
 from .plan.save_plan import (
@@ -50,6 +41,7 @@ from .plan.save_plan import (
 )
 from .report import peak_rss_bytes
 from .save_report import SaveReport
+from .storage.base import REPLACED, Output, Sink, is_object_uri
 from .transport.bootstrap import make_comm, rank_info
 from .transport.comm import (
     DEFAULT_TIMEOUT_S,
@@ -86,8 +78,9 @@ def save_checkpoint(
     Args:
         model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
             every non-meta tensor of its state dict is written (non-persistent buffers are not).
-        path: the checkpoint directory. An existing checkpoint there is replaced only once the
-            new one is complete; its other files (a tokenizer, a README) are kept.
+        path: the checkpoint directory, or ``s3://bucket/prefix`` (``pip install 'distload[s3]'``).
+            An existing checkpoint there is replaced only once the new one is complete; its other
+            files (a tokenizer, a README) are kept.
         max_shard_size: the largest file, as bytes or ``"5GB"`` / ``"500MiB"``
             (a single larger tensor gets a file of its own, as in transformers).
         dtype: cast floating-point tensors to this dtype as they are written.
@@ -110,8 +103,17 @@ def save_checkpoint(
     transport = make_comm(device, process_group, timeout_s, comm)
     if not bucket_mb > 0:
         raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
-    return _Save(transport, model, Path(path), parse_size(max_shard_size), dtype,
-                 int(bucket_mb * (1 << 20))).run()
+    target = str(path) if is_object_uri(path) else Path(path)  # s3://b/p is never a relative path
+    return _Save(transport, model, target, parse_size(max_shard_size), dtype, int(bucket_mb * (1 << 20))).run()
+
+
+def _sink(target: Path | str, stage: str | None = None) -> Sink:
+    """Where this save writes: a staging directory beside a local target, or multipart uploads."""
+    if isinstance(target, str):
+        from .storage.s3 import S3Sink
+
+        return S3Sink(target, REPLACED)
+    return LocalSink(target, stage)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -154,7 +156,7 @@ def _contiguous_within(sub, box) -> int | None:
 class _Save:
     """One save on one rank. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, model: nn.Module, target: Path, max_shard_size: int,
+    def __init__(self, comm: Comm, model: nn.Module, target: Path | str, max_shard_size: int,
                  dtype: torch.dtype | None, bucket_bytes: int):
         self.comm, self.model, self.target = comm, model, target
         self.max_shard_size, self.dtype, self.bucket_bytes = max_shard_size, dtype, bucket_bytes
@@ -163,12 +165,13 @@ class _Save:
         self.error: BaseException | None = None  # a local failure, agreed on at the next check
         self.sent = self.received = self.gathered = 0
         self.tensors: dict[str, torch.Tensor] = {}
-        self.stage: Path | None = None  # rank 0: the staging directory it created
+        self.sink: Sink | None = None  # where this rank writes (rank 0: made while planning)
+        self.began = False  # rank 0: the sink was begun, so a failure discards it
 
     def run(self) -> SaveReport:
         t0 = time.perf_counter()
         plan: SavePlan | None = None
-        files: dict[int, OutFile] = {}
+        files: dict[int, Output] = {}
         queue: WriteQueue | None = None
         ok = False
         try:
@@ -177,10 +180,12 @@ class _Save:
             err = None
             try:
                 queue = WriteQueue()
+                if self.sink is None:
+                    self.sink = _sink(self.target, plan.stage)
                 for i in plan.files_of(self.comm.rank):
                     spec = plan.files[i]
-                    files[i] = OutFile(Path(plan.stage), spec.name, spec.size)
-                    write_all(files[i].fd, memoryview(spec.header), 0)
+                    files[i] = self.sink.create(spec.name, spec.size)
+                    files[i].write(0, memoryview(spec.header))
             except Exception as e:
                 err = add_context(e, f"creating this rank's files in {plan.stage}")
             self.comm.agree("open", err)
@@ -197,6 +202,16 @@ class _Save:
                 except Exception as e:
                     err = add_context(e, "fsync and rename")
             self.comm.agree("write", err)
+            # Every file of every writer is complete: only now may they replace a previous
+            # checkpoint's (object storage completes its uploads here; local files wait for the swap).
+            self.phase = "publish"
+            err = None
+            try:
+                for f in files.values():
+                    f.publish()
+            except Exception as e:
+                err = add_context(e, "publishing this rank's files")
+            self.comm.agree("publish", err)
             self.phase = "commit"
             err = None
             if self.comm.rank == 0:
@@ -214,6 +229,8 @@ class _Save:
         finally:
             if not ok:
                 self._cleanup(plan, files, queue)
+            if self.sink is not None:
+                self.sink.close()
 
     # ---- plan ----------------------------------------------------------------
 
@@ -245,12 +262,11 @@ class _Save:
                 used = {o.source for o in outs}
                 sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
                 shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
-                self.target.parent.mkdir(parents=True, exist_ok=True)
-                stage = stage_dir(self.target.absolute(), secrets.token_hex(6))
-                os.mkdir(stage)
-                self.stage = stage
+                self.sink = _sink(self.target)
+                self.began = True
+                stage = self.sink.begin()
                 plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
-                                  bucket_bytes=self.bucket_bytes, stage=str(stage))
+                                  bucket_bytes=self.bucket_bytes, stage=stage)
             except Exception as e:
                 err = e
         self.comm.agree("plan", err)
@@ -262,7 +278,7 @@ class _Save:
         v = self.tensors[source]
         return (v._local_tensor if is_dtensor(v) else v).detach()
 
-    def transfer(self, plan: SavePlan, files: dict[int, OutFile], queue: WriteQueue) -> None:
+    def transfer(self, plan: SavePlan, files: dict[int, Output], queue: WriteQueue) -> None:
         """(all ranks) Walk the chunks: writers assemble and queue writes; holders of shards send theirs.
 
         Each chunk with pieces of sharded tensors starts with a status
@@ -319,7 +335,7 @@ class _Save:
                 t = plan.tensors[piece.tensor]
                 src = self._local(t.source)[_slices(piece.box)]
                 if src.device.type == "cpu" and src.dtype == _torch_dtype(t.dtype) and src.is_contiguous():
-                    queue.submit(f.fd, chunk.offset, _as_bytes(src), what=f.final.name)
+                    queue.submit(f, chunk.offset, _as_bytes(src), what=f.name)
                     return
             buf = pool.get()
             try:
@@ -328,7 +344,7 @@ class _Save:
             except BaseException:
                 pool.put(buf)
                 raise
-            queue.submit(f.fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf), f.final.name)
+            queue.submit(f, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf), f.name)
         except Exception as e:
             self.error = self.error or add_context(e, f"writing {plan.files[chunk.file].name}")
 
@@ -378,8 +394,8 @@ class _Save:
                     self._piece_view(plan, chunk, buf, k)[_slices(rel)].copy_(data)
                     off += n
             if self.error is None:
-                queue.submit(files[chunk.file].fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf),
-                             files[chunk.file].final.name)
+                queue.submit(files[chunk.file], chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf),
+                             files[chunk.file].name)
                 return
         except Exception as e:
             self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
@@ -423,7 +439,7 @@ class _Save:
 
     def commit(self, plan: SavePlan) -> None:
         """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in."""
-        stage = Path(plan.stage)
+        assert self.sink is not None
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
             config = copy.deepcopy(config)
@@ -431,15 +447,15 @@ class _Save:
             dtype = self.dtype or getattr(self.model, "dtype", None)
             if isinstance(dtype, torch.dtype):
                 config.dtype = str(dtype).split(".")[1]
-            write_small(stage / "config.json", config.to_json_string(use_diff=True).encode())
+            self.sink.put_small("config.json", config.to_json_string(use_diff=True).encode())
             gen = getattr(self.model, "generation_config", None)
             can_generate = getattr(self.model, "can_generate", lambda: False)
             if gen is not None and can_generate():
-                write_small(stage / "generation_config.json", gen.to_json_string(use_diff=True).encode())
-        write_small(stage / INDEX_NAME, plan.index_json().encode())
-        commit(stage, self.target)
+                self.sink.put_small("generation_config.json", gen.to_json_string(use_diff=True).encode())
+        for w in self.sink.commit(INDEX_NAME, plan.index_json().encode(), [f.name for f in plan.files]):
+            warnings.warn(f"distload: {w}", stacklevel=4)
 
-    def report(self, plan: SavePlan, files: dict[int, OutFile], written: int, seconds: float) -> SaveReport:
+    def report(self, plan: SavePlan, files: dict[int, Output], written: int, seconds: float) -> SaveReport:
         info = rank_info(self.comm.rank)
         report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host, node=info.node_key,
                             path=str(self.target), files=sorted(plan.files[i].name for i in files),
@@ -454,14 +470,14 @@ class _Save:
 
     # ---- failure -------------------------------------------------------------------
 
-    def _cleanup(self, plan: SavePlan | None, files: dict[int, OutFile], queue: WriteQueue | None) -> None:
-        """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage."""
+    def _cleanup(self, plan: SavePlan | None, files: dict[int, Output], queue: WriteQueue | None) -> None:
+        """(each rank, alone) Stop writing, remove what this rank wrote; rank 0 removes the stage."""
         if queue is not None:
             queue.close()
         for f in files.values():
             f.abort()
-        if self.stage is not None:  # rank 0, even when the plan never reached the others
-            remove_stage(self.stage)
+        if self.began and self.sink is not None:  # rank 0, even when the plan never reached the others
+            self.sink.discard()
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""

@@ -22,16 +22,15 @@ import ctypes
 import errno
 import os
 import queue
-import re
+import secrets
 import shutil
 import threading
 from pathlib import Path
 
 import torch
 
-# What a save replaces in an existing target; everything else there is kept.
-_REPLACED = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|config\.json|generation_config\.json|"
-                       r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json)")
+from ..storage.base import REPLACED, Output, Sink
+
 TMP_SUFFIX = ".distload-tmp"
 
 
@@ -60,10 +59,11 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-class OutFile:
+class OutFile(Output):
     """One file being written under a temporary name in the staging directory."""
 
     def __init__(self, stage: Path, name: str, size: int):
+        self.name = name
         self.final = stage / name
         self.tmp = stage / (name + TMP_SUFFIX)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -74,8 +74,11 @@ class OutFile:
             os.unlink(self.tmp)
             raise
 
+    def write(self, offset: int, data: memoryview) -> None:
+        write_all(self.fd, data, offset)
+
     def finish(self) -> None:
-        """fsync, close, rename to the final name."""
+        """fsync, close, rename to the final name (in the staging directory, which the commit swaps in)."""
         fd, self.fd = self.fd, -1
         try:
             os.fsync(fd)
@@ -110,18 +113,18 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._run, name="distload-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fd: int, offset: int, buf: torch.Tensor, done=None, what: str = "") -> None:
-        self._jobs.put((fd, offset, buf, done, what))
+    def submit(self, out: Output, offset: int, buf: torch.Tensor, done=None, what: str = "") -> None:
+        self._jobs.put((out, offset, buf, done, what))
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            fd, offset, buf, done, what = job
+            out, offset, buf, done, what = job
             try:
                 if self._error is None:
-                    write_all(fd, byte_view(buf), offset)
+                    out.write(offset, byte_view(buf))
                     self.bytes_written += buf.numel() * buf.element_size()
             except BaseException as e:
                 if isinstance(e, OSError) and what:
@@ -216,7 +219,7 @@ def commit(stage: Path, target: Path) -> None:
         stage = trash
     old = stage  # after the swap the staging path holds the previous checkpoint
     for entry in os.listdir(old):
-        if not _REPLACED.fullmatch(entry) and not (target / entry).exists():
+        if not REPLACED.fullmatch(entry) and not (target / entry).exists():
             os.rename(old / entry, target / entry)
     fsync_dir(target)
     fsync_dir(target.parent)
@@ -225,3 +228,36 @@ def commit(stage: Path, target: Path) -> None:
 
 def remove_stage(stage: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
+
+
+class LocalSink(Sink):
+    """(every rank of a save) A local target: files staged in a hidden directory beside it, swapped in by commit."""
+
+    def __init__(self, target: Path, stage: str | None = None):
+        self.target = target
+        self.stage = Path(stage) if stage else None
+
+    def begin(self) -> str:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        stage = stage_dir(self.target.absolute(), secrets.token_hex(6))
+        os.mkdir(stage)
+        self.stage = stage
+        return str(stage)
+
+    def create(self, name: str, size: int) -> OutFile:
+        assert self.stage is not None
+        return OutFile(self.stage, name, size)
+
+    def put_small(self, name: str, data: bytes) -> None:
+        assert self.stage is not None
+        write_small(self.stage / name, data)
+
+    def commit(self, index_name: str, index: bytes, files: list[str]) -> list[str]:
+        assert self.stage is not None
+        write_small(self.stage / index_name, index)
+        commit(self.stage, self.target)
+        return []
+
+    def discard(self) -> None:
+        if self.stage is not None:
+            remove_stage(self.stage)

@@ -54,13 +54,14 @@ import contextlib
 import torch
 
 from ..errors import add_context
-from ..io.reader import BufferPool, ChunkReader, default_io_threads
+from ..io.reader import BufferPool, ChunkReader, read_threads
 from ..io.stage import CopyStage
 from ..model.place import Placement
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
 from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
 from ..plan.shard_plan import ScatterChunk
+from ..storage.base import Source
 from ..transport.comm import Comm
 from .scatter import pack
 
@@ -69,7 +70,7 @@ from .scatter import pack
 AGREE_EVERY = 16
 
 
-def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
+def transfer(comm: Comm, plan: LoadPlan, placement: Placement, sources: dict[int, Source],
              progress=None, io_threads: int | None = None, ranks_here: int = 1) -> tuple[int, int, int]:
     """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes).
 
@@ -80,7 +81,7 @@ def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, in
     its share. (World 2 on 2 cores: replicated 2.90 s with 1 thread per rank
     against 3.17 s with 2; slice-read FSDP2 1.19 s with 2 against 1.33 s.)
     """
-    t = Transfer(comm, plan, placement, fds, progress, io_threads, ranks_here)
+    t = Transfer(comm, plan, placement, sources, progress, io_threads, ranks_here)
     return t.run(), t.collectives, t.buffer_bytes
 
 
@@ -115,11 +116,11 @@ class _Progress:
 class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None,
+    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, sources: dict[int, Source], progress=None,
                  io_threads: int | None = None, ranks_here: int = 1):
-        self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
-        self.feed_threads = io_threads or default_io_threads(ranks_here)  # see transfer()
-        self.slice_threads = io_threads or default_io_threads()
+        self.comm, self.plan, self.placement, self.sources, self.progress = comm, plan, placement, sources, progress
+        self.feed_threads = io_threads or read_threads(sources, ranks_here)  # see transfer()
+        self.slice_threads = io_threads or read_threads(sources)
         self.stage: CopyStage | None = None
         self.read = self.land = self.send = self.slice = None  # BufferPools, made by _pools
         self.reader = self.slicer = None  # ChunkReaders, made once the pools exist
@@ -202,9 +203,9 @@ class Transfer:
         ahead = self.stage.read_ahead if self.stage is not None else 1
         try:
             if error is None:
-                self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
+                self.reader = ChunkReader(self.plan, self.sources, [s.item for s in mine if s.kind != SLICE], self.read,
                                           read_target, io_threads=self.feed_threads, ahead=ahead)
-                self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                self.slicer = ChunkReader(self.plan, self.sources, [s.item for s in mine if s.kind == SLICE],
                                           self.slice, slice_target, io_threads=self.slice_threads)
             for step in self.steps:
                 if step.kind == SLICE:
