@@ -13,7 +13,7 @@ $(BIN)/python:
 
 # torch is pinned in constraints.txt: 2.13.0 is the CPU build on this machine's disk.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench,s3]'
 	touch $@
 
 venv: $(VENV)/.installed
