@@ -513,3 +513,44 @@ def test_a_save_killed_mid_way_leaves_the_previous_checkpoint_readable(server, e
     assert "model.safetensors.index.json" in names
     got = LlamaForCausalLM.from_pretrained(tmp_path / "down")
     assert _compare(got, LlamaForCausalLM.from_pretrained(case.local))["unequal"] == []
+
+
+def _failing_save(rank, world, src: str, uri: str):
+    import distload
+    import distload.storage.s3 as s3
+    from transformers import LlamaForCausalLM
+
+    with distload.empty_init():
+        model = LlamaForCausalLM(llama_config(tie=True))
+    distload.load_checkpoint(model, src, bucket_mb=0.004)
+    if rank == 1:
+        def failing(self, number, buf, n):
+            raise OSError(5, "injected upload failure")
+
+        s3.S3Output._upload_part = failing
+    try:
+        distload.save_checkpoint(model, uri, max_shard_size="40KB", bucket_mb=0.004)
+    except distload.DistLoadError as e:
+        return str(e)
+    return None
+
+
+def test_a_failed_upload_fails_every_rank_aborts_every_upload_and_keeps_the_old_checkpoint(server, env, cases):
+    case = cases["sharded"]
+    bucket = _bucket(server)
+    client = server.client()
+    upload_dir(client, bucket, "out", case.local)
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    errors = run_world(_failing_save, 2, str(case.local), f"s3://{bucket}/out", env=env)
+    assert all(e is not None and "rank(s) 1" in e and "injected upload failure" in e for e in errors), errors
+    after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert after == before
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_save_with_wrong_credentials_fails_before_writing_anything(server, env, cases):
+    bucket = _bucket(server)
+    bad = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-999"}
+    errors = run_world(_failing_save, 1, str(cases["sharded"].local), f"s3://{bucket}/out", env=bad)
+    assert "access denied" in errors[0] and "not-the-secret-999" not in errors[0]
+    assert server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0

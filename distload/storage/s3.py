@@ -385,6 +385,8 @@ class S3Output(Output):
         if offset != self._next:
             raise DistLoadError(f"{self.uri}: write at byte {offset}, but the upload is at byte {self._next} "
                                 "(an object is written front to back)")
+        if self._sink.failed is not None:  # a part already failed: stop feeding uploads that cannot complete
+            raise self._sink.failed
         data = data.cast("B") if data.format != "B" else data
         while len(data):
             if self._buf is None:
@@ -474,6 +476,7 @@ class S3Sink(Sink):
         self._lock = threading.Lock()
         self._small: list[str] = []
         self._committed = False
+        self.failed: BaseException | None = None  # the first part upload that failed
 
     def begin(self) -> str:
         """(rank 0) Check the bucket answers (a missing bucket or bad credentials fail here, before any upload)."""
@@ -504,6 +507,9 @@ class S3Sink(Sink):
         def run() -> dict:
             try:
                 return fn(number, buf, n)
+            except BaseException as e:
+                self.failed = self.failed or e
+                raise
             finally:
                 self.return_buffer(buf)
                 self._slots.release()
