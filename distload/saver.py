@@ -5,8 +5,11 @@ safetensors checkpoint from a replicated, FSDP2, tensor-parallel or 2-D mesh
 model. Files are spread over ranks (balanced by bytes, nodes first); a
 DTensor's pieces travel point to point to the writer of their file, each
 rank sending exactly the elements it holds; plain tensors are written by the
-writer from its own memory. See :mod:`distload.io.writer` for how the result
-appears atomically.
+writer from its own memory. See :mod:`distload.io.writer` for staging and
+:mod:`distload.io.commit` for how the result replaces the folder, and what a
+failure leaves there. A save to ``s3://bucket/prefix`` writes through the
+object-storage sink (:mod:`distload.storage.s3`) instead: multipart uploads,
+completed once every writer is done, the index last.
 
 The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
 """
@@ -18,6 +21,7 @@ import hashlib
 import itertools
 import math
 import os
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +31,16 @@ from torch import nn
 
 from .errors import DistLoadError, add_context
 from .format.dtypes import TORCH_DTYPES
-from .io.writer import LocalSink, StagingPool, WriteQueue
+from .io.commit import REPLACED, CommitError, commit_directory, observe, resolve_target, stage_identity
+from .io.writer import (
+    OutFile,
+    StagingPool,
+    WriteQueue,
+    remove_stage,
+    stage_dir,
+    target_of,
+    write_small,
+)
 from .model.dtensor import is_dtensor, shardings
 from .model.save_keys import output_tensors, signature, state_tensors
 from .plan.save_plan import (
@@ -41,7 +54,7 @@ from .plan.save_plan import (
 )
 from .report import peak_rss_bytes
 from .save_report import SaveReport
-from .storage.base import REPLACED, Output, Sink, is_object_uri
+from .storage.base import Output, Sink, is_object_uri
 from .transport.bootstrap import make_comm, rank_info
 from .transport.comm import (
     DEFAULT_TIMEOUT_S,
@@ -78,9 +91,11 @@ def save_checkpoint(
     Args:
         model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
             every non-meta tensor of its state dict is written (non-persistent buffers are not).
-        path: the checkpoint directory, or ``s3://bucket/prefix`` (``pip install 'distload[s3]'``).
-            An existing checkpoint there is replaced only once the new one is complete; its other
-            files (a tokenizer, a README) are kept.
+        path: the checkpoint directory, or ``s3://bucket/prefix`` (``pip install 'distload[s3]'``;
+            see the README for what a concurrent reader of the prefix can observe). An existing
+            checkpoint there is replaced only once the
+            new one is complete; its other files (a tokenizer, a README) are kept. A symlink is
+            followed: the save replaces the checkpoint in the folder it points to, and the link stays.
         max_shard_size: the largest file, as bytes or ``"5GB"`` / ``"500MiB"``
             (a single larger tensor gets a file of its own, as in transformers).
         dtype: cast floating-point tensors to this dtype as they are written.
@@ -91,7 +106,8 @@ def save_checkpoint(
         comm: ``"torch"`` (torch.distributed) or ``"mpi"`` (mpi4py) transport.
 
     Any failure on any rank raises the same :class:`DistLoadError` on every rank,
-    and leaves no index and no temporary file.
+    and leaves no index and no temporary file. A failure while rank 0 swaps the new
+    checkpoint in says what the folder holds now (see :mod:`distload.io.commit`).
 
     Example::
 
@@ -104,16 +120,8 @@ def save_checkpoint(
     if not bucket_mb > 0:
         raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
     target = str(path) if is_object_uri(path) else Path(path)  # s3://b/p is never a relative path
-    return _Save(transport, model, target, parse_size(max_shard_size), dtype, int(bucket_mb * (1 << 20))).run()
-
-
-def _sink(target: Path | str, stage: str | None = None) -> Sink:
-    """Where this save writes: a staging directory beside a local target, or multipart uploads."""
-    if isinstance(target, str):
-        from .storage.s3 import S3Sink
-
-        return S3Sink(target, REPLACED)
-    return LocalSink(target, stage)
+    return _Save(transport, model, target, parse_size(max_shard_size), dtype,
+                 int(bucket_mb * (1 << 20))).run()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -138,6 +146,14 @@ def _shape(box) -> tuple[int, ...]:
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
+
+
+def _noted(err: DistLoadError, rank: int, note: str) -> DistLoadError:
+    """``err`` with ``note`` (what the target holds) added to its message and to this rank's cause."""
+    failures = dict(err.failures)
+    failures[rank] = f"{failures.get(rank, str(err))}; {note}"
+    return DistLoadError(f"{err}\n  {note}", phase=err.phase, failures=failures, agreed=err.agreed,
+                         tracebacks=err.tracebacks)
 
 
 def _contiguous_within(sub, box) -> int | None:
@@ -165,8 +181,14 @@ class _Save:
         self.error: BaseException | None = None  # a local failure, agreed on at the next check
         self.sent = self.received = self.gathered = 0
         self.tensors: dict[str, torch.Tensor] = {}
-        self.sink: Sink | None = None  # where this rank writes (rank 0: made while planning)
-        self.began = False  # rank 0: the sink was begun, so a failure discards it
+        self.stage: Path | None = None  # rank 0: the staging directory it created, until the commit takes it
+        self.plan_stage: str | None = None  # the staging directory, from the plan
+        self.stage_id: tuple[int, int] | None = None  # the staging directory's (device, inode), as seen here
+        self.outcome: str | None = None  # what the target holds, once this rank knows (commit onwards)
+        self.warnings: list[str] = []
+        self.remote = isinstance(target, str)  # object storage: files go through self.sink
+        self.sink: Sink | None = None
+        self.began = False  # rank 0 began the sink, so a failure discards what it wrote
 
     def run(self) -> SaveReport:
         t0 = time.perf_counter()
@@ -176,15 +198,19 @@ class _Save:
         ok = False
         try:
             plan = self.make_plan()
+            self.plan_stage = plan.stage
             self.phase = "open"
             err = None
             try:
+                if self.remote:
+                    self.sink = self.sink or _object_sink(str(self.target))
+                else:
+                    self.stage_id = stage_identity(Path(plan.stage))
                 queue = WriteQueue()
-                if self.sink is None:
-                    self.sink = _sink(self.target, plan.stage)
                 for i in plan.files_of(self.comm.rank):
                     spec = plan.files[i]
-                    files[i] = self.sink.create(spec.name, spec.size)
+                    files[i] = (self.sink.create(spec.name, spec.size) if self.sink is not None
+                                else OutFile(Path(plan.stage), spec.name, spec.size))
                     files[i].write(0, memoryview(spec.header))
             except Exception as e:
                 err = add_context(e, f"creating this rank's files in {plan.stage}")
@@ -202,25 +228,29 @@ class _Save:
                 except Exception as e:
                     err = add_context(e, "fsync and rename")
             self.comm.agree("write", err)
-            # Every file of every writer is complete: only now may they replace a previous
-            # checkpoint's (object storage completes its uploads here; local files wait for the swap).
-            self.phase = "publish"
-            err = None
-            try:
-                for f in files.values():
-                    f.publish()
-            except Exception as e:
-                err = add_context(e, "publishing this rank's files")
-            self.comm.agree("publish", err)
+            if self.remote:  # every part of every file is uploaded: only now may they replace older objects
+                self.phase = "publish"
+                err = None
+                try:
+                    for f in files.values():
+                        f.publish()
+                except Exception as e:
+                    err = add_context(e, "completing this rank's uploads")
+                self.comm.agree("publish", err)
             self.phase = "commit"
             err = None
             if self.comm.rank == 0:
                 try:
                     self.commit(plan)
+                except CommitError as e:  # its message says what the folder holds
+                    err = add_context(e, "committing")
                 except Exception as e:
-                    err = add_context(e, f"committing {self.target}")
+                    err = add_context(e, f"committing {self.target} (it is unchanged)")
             self.comm.agree("commit", err)
+            where = self.target if self.remote else target_of(Path(plan.stage))
+            self.outcome = f"{where} holds the new checkpoint, complete"
             ok = True
+            self.phase = "report"
             return self.report(plan, files, written, time.perf_counter() - t0)
         except DistLoadError:
             raise
@@ -241,14 +271,19 @@ class _Save:
         try:
             self.tensors = state_tensors(self.model)
             digest = hashlib.sha256(repr(signature(self.tensors)).encode()).hexdigest()
-            mine = (rank_info(self.comm.rank), digest, None)
+            mine = (rank_info(self.comm.rank), digest, None, self.comm.device.type)
         except Exception as e:
-            local, mine = e, (None, None, (describe(e), format_traceback(e)))
+            local, mine = e, (None, None, (describe(e), format_traceback(e)), None)
         gathered = self.comm.all_gather_object(mine)
         bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
         if bad:
             raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
                                               {r: m[1] for r, m in bad.items()}) from local
+        devices = [g[3] for g in gathered]
+        if len(set(devices)) > 1:  # the device type decides the agreement schedule: a mix would hang
+            raise DistLoadError.from_failures("plan", {r: f"its model is on {d} but rank 0's is on {devices[0]}; "
+                                                          "every rank must save from the same device type"
+                                                       for r, d in enumerate(devices) if d != devices[0]})
         digests = [g[1] for g in gathered]
         if len(set(digests)) > 1:
             odd = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -262,11 +297,18 @@ class _Save:
                 used = {o.source for o in outs}
                 sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
                 shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
-                self.sink = _sink(self.target)
-                self.began = True
-                stage = self.sink.begin()
+                if self.remote:
+                    self.sink = _object_sink(str(self.target))
+                    self.began = True
+                    stage = self.sink.begin()
+                else:
+                    target = resolve_target(self.target)  # a symlink: the folder it points to
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    stage = stage_dir(target, secrets.token_hex(6))
+                    os.mkdir(stage)
+                    self.stage = stage
                 plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
-                                  bucket_bytes=self.bucket_bytes, stage=stage)
+                                  bucket_bytes=self.bucket_bytes, stage=str(stage))
             except Exception as e:
                 err = e
         self.comm.agree("plan", err)
@@ -284,16 +326,25 @@ class _Save:
         Each chunk with pieces of sharded tensors starts with a status
         all-reduce, so a failure anywhere (a write error on the writer
         thread included) stops every rank at the same chunk.
+
+        The scratch buffer (one chunk of received or packed bytes, on the
+        transport's device) is reserved before the first such chunk, so a
+        rank whose allocation fails says so at that chunk's agreement, and a
+        rank whose step fails later still takes part in the chunk's
+        messages with it, allocating nothing.
         """
         rank = self.comm.rank
         cap = max((c.nbytes for c in plan.chunks), default=0)
         pool = StagingPool(cap, 2)
         scratch: torch.Tensor | None = None  # one chunk's worth of received or packed bytes
+        if any(c.remote for c in plan.chunks):
+            try:
+                scratch = torch.empty(cap, dtype=torch.uint8, device=self.comm.device)
+            except Exception as e:  # agreed at the first remote chunk, before any message
+                self.error = add_context(e, f"allocating a {cap}-byte transfer buffer on {self.comm.device}")
 
         def scratch_of(n: int) -> torch.Tensor:
-            nonlocal scratch
-            if scratch is None:
-                scratch = torch.empty(cap, dtype=torch.uint8, device=self.comm.device)
+            assert scratch is not None, "reserved before the first remote chunk's agreement"
             return scratch[:n]
 
         for chunk in plan.chunks:
@@ -304,7 +355,7 @@ class _Save:
                     self._gather(plan, chunk, parts, files, queue, pool, scratch_of)
                 elif rank in parts:
                     self._send(plan, chunk, parts[rank], scratch_of)
-            elif rank == chunk.writer:
+            elif rank == chunk.writer and self.error is None:  # after a failure, on to the next agreement
                 self._write_local(plan, chunk, files, queue, pool)
 
     def _piece_view(self, plan: SavePlan, chunk: Chunk, buf: torch.Tensor, k: int) -> torch.Tensor:
@@ -351,11 +402,12 @@ class _Save:
     def _gather(self, plan: SavePlan, chunk: Chunk, parts, files, queue: WriteQueue, pool: StagingPool,
                 scratch_of) -> None:
         """(writer) Assemble a chunk from its own parts and every other holder's message, queue the write."""
-        buf = pool.get()
+        buf: torch.Tensor | None = None
         cpu = self.comm.device.type == "cpu"
         recvs, unpack = [], []
         pos = 0
         try:
+            buf = pool.get()
             for src, mine in sorted(parts.items()):
                 if src == self.comm.rank:
                     for k, sub in mine:
@@ -379,11 +431,16 @@ class _Save:
                 self.received += sum(sizes)
         except Exception as e:
             self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
-            # Still take every message, so the senders are not left waiting.
-            recvs = [(scratch_of(0).new_empty(n), s) for s, n in self._message_sizes(plan, chunk, parts)]
-            unpack = []
+            # Still take every message, so the senders are not left waiting: into the scratch
+            # buffer, which holds a whole chunk, allocating nothing.
+            recvs, unpack, at = [], [], 0
+            for s, n in self._message_sizes(plan, chunk, parts):
+                recvs.append((scratch_of(at + n)[at:], s))
+                at += n
         self.comm.exchange_([], recvs)
         self.gathered += 1
+        if buf is None:
+            return
         try:
             for seg, mine, sizes in unpack:
                 off = 0
@@ -431,15 +488,15 @@ class _Save:
                     off += size
         except Exception as e:
             self.error = self.error or add_context(e, f"packing shards for {plan.files[chunk.file].name}")
-            msg = scratch_of(n)  # the writer still expects n bytes
+            msg = scratch_of(n)  # the writer still expects n bytes (reserved: no allocation here)
         self.comm.exchange_([(msg, chunk.writer)], [])
         self.sent += n
 
     # ---- commit and report -------------------------------------------------------
 
-    def commit(self, plan: SavePlan) -> None:
-        """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in."""
-        assert self.sink is not None
+    def configs(self) -> dict[str, bytes]:
+        """``config.json`` (and ``generation_config.json``) as ``save_pretrained`` writes them; none for other models."""
+        out: dict[str, bytes] = {}
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
             config = copy.deepcopy(config)
@@ -447,13 +504,39 @@ class _Save:
             dtype = self.dtype or getattr(self.model, "dtype", None)
             if isinstance(dtype, torch.dtype):
                 config.dtype = str(dtype).split(".")[1]
-            self.sink.put_small("config.json", config.to_json_string(use_diff=True).encode())
+            out["config.json"] = config.to_json_string(use_diff=True).encode()
             gen = getattr(self.model, "generation_config", None)
             can_generate = getattr(self.model, "can_generate", lambda: False)
             if gen is not None and can_generate():
-                self.sink.put_small("generation_config.json", gen.to_json_string(use_diff=True).encode())
-        for w in self.sink.commit(INDEX_NAME, plan.index_json().encode(), [f.name for f in plan.files]):
-            warnings.warn(f"distload: {w}", stacklevel=4)
+                out["generation_config.json"] = gen.to_json_string(use_diff=True).encode()
+        return out
+
+    def commit(self, plan: SavePlan) -> None:
+        """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in.
+
+        On object storage: the configs, then the index (the object that makes the prefix a checkpoint),
+        then the previous checkpoint's objects that the new one does not have are removed.
+        """
+        if self.sink is not None:
+            for name, data in self.configs().items():
+                self.sink.put_small(name, data)
+            self.warnings = self.sink.commit(INDEX_NAME, plan.index_json().encode(), [f.name for f in plan.files])
+            for w in self.warnings:
+                warnings.warn(f"distload save: {w}", stacklevel=4)
+            return
+        stage = Path(plan.stage)
+        for name, data in self.configs().items():
+            write_small(stage / name, data)
+        write_small(stage / INDEX_NAME, plan.index_json().encode())
+        self.stage = None  # from here on the commit decides what is removed
+        try:
+            self.warnings = commit_directory(stage, target_of(stage))
+        except CommitError as e:
+            self.outcome = str(e)
+            raise
+        self.outcome = f"{target_of(stage)} holds the new checkpoint, complete"
+        for w in self.warnings:
+            warnings.warn(f"distload save: {w}", stacklevel=4)
 
     def report(self, plan: SavePlan, files: dict[int, Output], written: int, seconds: float) -> SaveReport:
         info = rank_info(self.comm.rank)
@@ -461,7 +544,7 @@ class _Save:
                             path=str(self.target), files=sorted(plan.files[i].name for i in files),
                             bytes_written=written, bytes_sent=self.sent, bytes_received=self.received,
                             total_bytes=sum(f.size for f in plan.files), seconds=seconds,
-                            peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered)
+                            peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered, warnings=list(self.warnings))
         gathered = self.comm.all_gather_object(report.to_dict())
         for g in gathered:
             g.pop("ranks", None)
@@ -471,14 +554,43 @@ class _Save:
     # ---- failure -------------------------------------------------------------------
 
     def _cleanup(self, plan: SavePlan | None, files: dict[int, Output], queue: WriteQueue | None) -> None:
-        """(each rank, alone) Stop writing, remove what this rank wrote; rank 0 removes the stage."""
+        """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage
+        unless its commit has begun (finished files are never removed here: they may be the checkpoint).
+        On object storage each rank aborts its uploads, and rank 0 removes the configs it wrote."""
         if queue is not None:
             queue.close()
         for f in files.values():
             f.abort()
-        if self.began and self.sink is not None:  # rank 0, even when the plan never reached the others
+        if self.stage is not None:  # rank 0, even when the plan never reached the others
+            remove_stage(self.stage)
+        if self.began and self.sink is not None:
             self.sink.discard()
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""
-        return broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
+        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`.
+
+        From the commit on, the error also says what the target holds: rank 0
+        knows; a rank that lost contact while rank 0 was committing says what
+        it sees (:func:`distload.io.commit.observe`); after the commit
+        agreement every rank knows the new checkpoint is in place.
+        """
+        err = broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
+        if self.phase not in ("commit", "report") or self.plan_stage is None or self.remote:
+            return err
+        stage = Path(self.plan_stage)
+        note = self.outcome
+        if note is None:
+            note = (f"{target_of(stage)} is unchanged" if self.comm.rank == 0
+                    else observe(target_of(stage), stage, self.stage_id))
+        return _noted(err, self.comm.rank, note)
+
+
+def _object_sink(uri: str) -> Sink:
+    """(every rank of a save to object storage) Where this rank's files go: multipart uploads under ``uri``.
+
+    The previous checkpoint's objects it removes after the new index are the ones a local save
+    replaces (:data:`distload.io.commit.REPLACED`) and those the previous index names.
+    """
+    from .storage.s3 import S3Sink
+
+    return S3Sink(uri, REPLACED)

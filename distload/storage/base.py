@@ -13,16 +13,12 @@ a save. Nothing here talks to other ranks.
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from ..errors import DistLoadError
 
 OBJECT_SCHEMES = ("s3://",)
-# What a save replaces in an existing checkpoint location; everything else there is kept.
-REPLACED = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|config\.json|generation_config\.json|"
-                      r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json)")
 
 
 def is_object_uri(location: object) -> bool:

@@ -40,6 +40,7 @@ Note on retries:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -530,13 +531,16 @@ class S3Sink(Sink):
         self._small.append(name)
 
     def commit(self, index_name: str, index: bytes, files: list[str]) -> list[str]:
-        """(rank 0) The index last, then remove what the previous checkpoint held and this one does not."""
+        """(rank 0) The index last, then remove what the previous checkpoint held and this one does not:
+        the names a save replaces, and every file the previous index named."""
+        previous = self._named_by(index_name)
         self.put_small(index_name, index)
         self._committed = True
         keep = set(files) | set(self._small)
         warnings: list[str] = []
         try:
-            stale = [n for n in self.store.names() if self._replaced.fullmatch(n) and n not in keep]
+            stale = [n for n in self.store.names()
+                     if (self._replaced.fullmatch(n) or n in previous) and n not in keep]
             for i in range(0, len(stale), 1000):
                 got = self.client.client.delete_objects(
                     Bucket=self.store.bucket,
@@ -548,6 +552,14 @@ class S3Sink(Sink):
             warnings.append(f"the new checkpoint is complete, but removing the previous one's files failed: "
                             f"{_error(self.client, e, self.store.location, 'listing it')}")
         return warnings
+
+    def _named_by(self, index_name: str) -> set[str]:
+        """The files the prefix's current index names (none when there is none or it is not one)."""
+        try:
+            doc = json.loads(self.store.get_small(index_name, 256 << 20) or b"{}")
+            return {v for v in doc.get("weight_map", {}).values() if isinstance(v, str)}
+        except (ValueError, AttributeError, DistLoadError):
+            return set()
 
     def discard(self) -> None:
         """(rank 0, on failure) Remove the configs this save wrote; nothing once the index is written."""
