@@ -474,7 +474,9 @@ def test_large_files_upload_in_several_parts_in_parallel(server, env, tmp_path):
     assert head["ETag"].strip('"').endswith("-3")  # 12 MB in parts of at least 5 MiB
 
 
-def _killed_save(rank, world, src: str, uri: str):
+def _faulty_save(rank, world, src: str, uri: str, fault: str):
+    """Load, then save to ``uri``; on rank 1 ``fault`` strikes: "kill" SIGKILLs it once its parts are
+    uploaded (nothing completed yet), "fail" makes every part upload fail."""
     import distload
     import distload.fsdp
     import distload.storage.s3 as s3
@@ -482,13 +484,16 @@ def _killed_save(rank, world, src: str, uri: str):
 
     with distload.empty_init():
         model = LlamaForCausalLM(llama_config(tie=True))
-    model = distload.fsdp.fully_shard_blocks(model)
+    if fault == "kill":
+        model = distload.fsdp.fully_shard_blocks(model)
     distload.load_checkpoint(model, src, bucket_mb=0.004)
-    if rank == 1:
-        def dying(self):
-            os.kill(os.getpid(), signal.SIGKILL)  # parts uploaded, nothing completed yet
+    if rank == 1 and fault == "kill":
+        s3.S3Output.finish = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 1 and fault == "fail":
+        def failing(self, number, buf, n):
+            raise OSError(5, "injected upload failure")
 
-        s3.S3Output.finish = dying
+        s3.S3Output._upload_part = failing
     try:
         distload.save_checkpoint(model, uri, max_shard_size="40KB", bucket_mb=0.004)
     except distload.DistLoadError as e:
@@ -504,7 +509,8 @@ def test_a_save_killed_mid_way_leaves_the_previous_checkpoint_readable(server, e
     client = server.client()
     upload_dir(client, bucket, "out", case.local)
     before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
-    res = run_world(_killed_save, 2, str(case.local), f"s3://{bucket}/out", env=env, expect_errors=True)
+    res = run_world(_faulty_save, 2, str(case.local), f"s3://{bucket}/out", "kill", env=env,
+                    expect_errors=True)
     assert res[1][0] == "error" and "exited with code -9" in res[1][1]
     assert res[0][0] == "ok" and res[0][1] is not None  # rank 0 saw the failure and cleaned up
     after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
@@ -515,33 +521,13 @@ def test_a_save_killed_mid_way_leaves_the_previous_checkpoint_readable(server, e
     assert _compare(got, LlamaForCausalLM.from_pretrained(case.local))["unequal"] == []
 
 
-def _failing_save(rank, world, src: str, uri: str):
-    import distload
-    import distload.storage.s3 as s3
-    from transformers import LlamaForCausalLM
-
-    with distload.empty_init():
-        model = LlamaForCausalLM(llama_config(tie=True))
-    distload.load_checkpoint(model, src, bucket_mb=0.004)
-    if rank == 1:
-        def failing(self, number, buf, n):
-            raise OSError(5, "injected upload failure")
-
-        s3.S3Output._upload_part = failing
-    try:
-        distload.save_checkpoint(model, uri, max_shard_size="40KB", bucket_mb=0.004)
-    except distload.DistLoadError as e:
-        return str(e)
-    return None
-
-
 def test_a_failed_upload_fails_every_rank_aborts_every_upload_and_keeps_the_old_checkpoint(server, env, cases):
     case = cases["sharded"]
     bucket = _bucket(server)
     client = server.client()
     upload_dir(client, bucket, "out", case.local)
     before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
-    errors = run_world(_failing_save, 2, str(case.local), f"s3://{bucket}/out", env=env)
+    errors = run_world(_faulty_save, 2, str(case.local), f"s3://{bucket}/out", "fail", env=env)
     assert all(e is not None and "rank(s) 1" in e and "injected upload failure" in e for e in errors), errors
     after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
     assert after == before
@@ -551,6 +537,6 @@ def test_a_failed_upload_fails_every_rank_aborts_every_upload_and_keeps_the_old_
 def test_a_save_with_wrong_credentials_fails_before_writing_anything(server, env, cases):
     bucket = _bucket(server)
     bad = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-999"}
-    errors = run_world(_failing_save, 1, str(cases["sharded"].local), f"s3://{bucket}/out", env=bad)
+    errors = run_world(_faulty_save, 1, str(cases["sharded"].local), f"s3://{bucket}/out", "none", env=bad)
     assert "access denied" in errors[0] and "not-the-secret-999" not in errors[0]
     assert server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
