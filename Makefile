@@ -17,7 +17,7 @@ $(BIN)/python:
 TORCH_INDEX ?=
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(if $(TORCH_INDEX),$(BIN)/pip install -q -c constraints.txt --index-url $(TORCH_INDEX) torch)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,hf,mpi,bench,s3]'
 	touch $@
 
 venv: $(VENV)/.installed

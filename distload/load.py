@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .format.discover import expand_path, resolve_checkpoint
 from .loader import load_state_dict_with_report
 from .plan.load_plan import DEFAULT_BUCKET_MB
 from .plan.shard_plan import READ_POLICIES
+from .storage.base import is_object_uri, open_store
 from .transport.bootstrap import (
     COMMS,
     destroy_process_group,
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=_HelpFormatter,
     )
     p.add_argument("path", help="checkpoint directory, .safetensors file, *.safetensors.index.json, "
-                                "or a Hub repo id (org/name) in the local cache; ~ and $VARS are expanded")
+                                "a Hub repo id (org/name) in the local cache, or s3://bucket/prefix "
+                                "(standard AWS settings; pip install 'distload[s3]'); ~ and $VARS are expanded")
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; none: state dict only; "
@@ -145,9 +148,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def checkpoint_dir(path: str) -> Path:
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def checkpoint_dir(path: str) -> Path | str:
+    """The directory (or ``s3://`` prefix) that holds the checkpoint and its ``config.json``."""
     p = resolve_checkpoint(path)  # a path, or a Hub repo id in the local cache
+    if isinstance(p, str):  # object storage: a named file's prefix, else the prefix itself
+        p = p.rstrip("/")
+        return p.rpartition("/")[0] if p.endswith((".safetensors", ".index.json")) else p
     return p if p.is_dir() else p.parent
+
+
+def read_config(root: Path | str) -> bytes | None:
+    """``config.json`` beside the checkpoint (a local directory or an ``s3://`` prefix), or None."""
+    return open_store(root).get_small("config.json", MAX_CONFIG_BYTES)
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,7 @@ def check_args(args: argparse.Namespace) -> Settings:
     model = args.model
     if model == "auto":
         try:
-            model = "hf" if (checkpoint_dir(args.path) / "config.json").is_file() else "none"
+            model = "hf" if read_config(checkpoint_dir(args.path)) is not None else "none"
         except DistLoadError:  # no checkpoint there: the load's plan phase says so, once, for every rank
             model = "none"
     if model not in ("hf", "none") and not _FACTORY.match(model):
@@ -240,7 +255,7 @@ def build_model(spec: str, path: str) -> nn.Module | None:
         return None
     root = checkpoint_dir(path)
     if spec == "auto":
-        spec = "hf" if (root / "config.json").is_file() else "none"
+        spec = "hf" if read_config(root) is not None else "none"
     if spec == "none":
         return None
     if spec == "hf":
@@ -254,13 +269,13 @@ def build_model(spec: str, path: str) -> nn.Module | None:
         raise DistLoadError(f"cannot import model factory {spec}: {e}") from None
     takes_path = bool(inspect.signature(factory).parameters)
     with empty_init():
-        model = factory(str(expand_path(path))) if takes_path else factory()
+        model = factory(path if is_object_uri(path) else str(expand_path(path))) if takes_path else factory()
     if not isinstance(model, nn.Module):
         raise DistLoadError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def build_hf_model(root: Path) -> nn.Module:
+def build_hf_model(root: Path | str) -> nn.Module:
     """Build the transformers model that ``config.json`` names, under empty_init.
 
     The class comes from ``architectures[0]``; only a ``transformers.PreTrainedModel``
@@ -273,9 +288,17 @@ def build_hf_model(root: Path) -> nn.Module:
         import transformers
     except ImportError:
         raise DistLoadError("--model hf needs transformers: pip install 'distload[hf]'") from None
-    if not (root / "config.json").is_file():
-        raise DistLoadError(f"--model hf needs a config.json in {root}; use --model none for a state dict")
-    config = transformers.AutoConfig.from_pretrained(root)
+    if is_object_uri(root):  # transformers reads local files: give it the one object it needs
+        raw = read_config(root)
+        if raw is None:
+            raise DistLoadError(f"--model hf needs a config.json in {root}; use --model none for a state dict")
+        with tempfile.TemporaryDirectory(prefix="distload-config-") as tmp:
+            (Path(tmp) / "config.json").write_bytes(raw)
+            config = transformers.AutoConfig.from_pretrained(tmp)
+    else:
+        if not (root / "config.json").is_file():
+            raise DistLoadError(f"--model hf needs a config.json in {root}; use --model none for a state dict")
+        config = transformers.AutoConfig.from_pretrained(root)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
     if cls is not None and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -288,11 +311,11 @@ def build_hf_model(root: Path) -> nn.Module:
         return transformers.AutoModel.from_config(config)
 
 
-def hf_dtype(root: Path) -> torch.dtype | None:
-    cfg = root / "config.json"
-    if not cfg.is_file():
+def hf_dtype(root: Path | str) -> torch.dtype | None:
+    raw = read_config(root)
+    if raw is None:
         return None
-    conf = json.loads(cfg.read_text())
+    conf = json.loads(raw)
     name = conf.get("dtype") or conf.get("torch_dtype")
     return DTYPES.get(str(name)) if name else None
 

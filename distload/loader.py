@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DistLoadError, add_context, clip_names
-from .format.discover import local_root, resolve_checkpoint
+from .format.discover import owner_store, resolve_checkpoint
 from .format.dtypes import check_converted, plan_dtypes
 from .format.header import read_checkpoint
 from .io.reader import check_io_threads, open_verified
@@ -52,6 +52,7 @@ from .plan.op_plan import choose_op_ranks
 from .plan.shard import Layout, layout_of
 from .plan.shard_plan import READ_POLICIES, build_shard_plan
 from .report import LoadReport, peak_rss_bytes
+from .storage.base import Source
 from .storage.mounts import is_local_storage
 from .transfer.loop import transfer
 from .transfer.results import run_gathered
@@ -255,7 +256,7 @@ class _Load:
         """
         t0 = time.perf_counter()
         placement: Placement | None = None
-        fds: dict[int, int] = {}
+        sources: dict[int, Source] = {}
         ok = False
         try:
             plan = self.make_plan()
@@ -266,7 +267,7 @@ class _Load:
             try:
                 placement = self._placement(plan)
                 step = "opening this rank's files"
-                self._open_files(plan, fds)
+                self._open_files(plan, sources)
                 if self.keys.gathered:  # agreed here, so no rank meets a failure alone inside the ops' collectives
                     step = "finding where converted DTensors' pieces go"
                     target_layouts = self._target_layouts()
@@ -277,13 +278,13 @@ class _Load:
             self.phase = "transfer"
             bar = _progress_bar(self._total_bytes(plan)) if self.progress else None
             try:
-                bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, fds, bar,
+                bytes_read, chunks, self.buffer_bytes = transfer(self.comm, plan, placement, sources, bar,
                                                                  io_threads=self.io_threads,
                                                                  ranks_here=self.ranks_here)
                 if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
                     self.phase = "convert"
                     got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement,
-                                                                 fds, target_layouts,
+                                                                 sources, target_layouts,
                                                                  io_threads=self.io_threads,
                                                                  ranks_here=self.ranks_here, progress=bar)
                     bytes_read, chunks = bytes_read + got, chunks + n
@@ -312,8 +313,8 @@ class _Load:
         except Exception as e:  # a collective broke: a peer died, timed out or diverged
             raise self._broken(e) from e
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for src in sources.values():
+                src.close()
             if not ok:
                 self.state_dict = {}
                 if placement is not None:
@@ -440,10 +441,10 @@ class _Load:
                 "build the model under distload.empty_init(), which keeps buffers real")
         return keys
 
-    def _open_files(self, plan: LoadPlan, fds: dict[int, int]) -> None:
+    def _open_files(self, plan: LoadPlan, sources: dict[int, Source]) -> None:
         """(owner ranks) Open and verify this rank's files under its own view of the path.
 
-        Fills ``fds`` as it goes, so the caller closes whatever was opened
+        Fills ``sources`` as it goes, so the caller closes whatever was opened
         even if a later file fails.
         """
         mine = [i for i, o in enumerate(plan.owners) if o == self.comm.rank]
@@ -451,9 +452,9 @@ class _Load:
             mine += sorted({c.file for c in plan.sharded.slices_of(self.comm.rank)} - set(mine))
         if not mine:
             return
-        root = local_root(self.path)
+        store = owner_store(self.path, plan.root)
         for i in mine:
-            fds[i] = open_verified(plan, i, root)
+            sources[i] = open_verified(plan, i, store)
 
     def _placement(self, plan: LoadPlan) -> Placement:
         """(every rank, locally) Real memory for everything this rank will receive."""

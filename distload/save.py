@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=_HelpFormatter,
     )
     p.add_argument("src", help="checkpoint to load: directory, .safetensors file, *.safetensors.index.json, "
-                               "or a Hub repo id (org/name) in the local cache; ~ and $VARS are expanded")
-    p.add_argument("dst", help="directory to save into (created, or replaced once the new checkpoint is "
-                               "complete); ~ and $VARS are expanded")
+                               "a Hub repo id (org/name) in the local cache, or s3://bucket/prefix; "
+                               "~ and $VARS are expanded")
+    p.add_argument("dst", help="directory or s3://bucket/prefix to save into (created, or replaced once "
+                               "the new checkpoint is complete); ~ and $VARS are expanded")
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--model", default="auto",
                    help="hf: build from config.json with transformers; pkg.module:factory: call factory() "

@@ -7,7 +7,9 @@ DTensor's pieces travel point to point to the writer of their file, each
 rank sending exactly the elements it holds; plain tensors are written by the
 writer from its own memory. See :mod:`distload.io.writer` for staging and
 :mod:`distload.io.commit` for how the result replaces the folder, and what a
-failure leaves there.
+failure leaves there. A save to ``s3://bucket/prefix`` writes through the
+object-storage sink (:mod:`distload.storage.s3`) instead: multipart uploads,
+completed once every writer is done, the index last.
 
 The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
 """
@@ -30,7 +32,7 @@ from torch import nn
 from .errors import DistLoadError, add_context
 from .format.discover import expand_path
 from .format.dtypes import TORCH_DTYPES
-from .io.commit import CommitError, commit_directory, observe, resolve_target, stage_identity
+from .io.commit import REPLACED, CommitError, commit_directory, observe, resolve_target, stage_identity
 from .io.writer import (
     OutFile,
     StagingPool,
@@ -38,7 +40,6 @@ from .io.writer import (
     remove_stage,
     stage_dir,
     target_of,
-    write_all,
     write_small,
 )
 from .model.dtensor import is_dtensor, shardings
@@ -54,6 +55,7 @@ from .plan.save_plan import (
 )
 from .report import peak_rss_bytes
 from .save_report import SaveReport
+from .storage.base import Output, Sink, is_object_uri
 from .transport.bootstrap import make_comm, rank_info
 from .transport.comm import (
     DEFAULT_TIMEOUT_S,
@@ -90,7 +92,9 @@ def save_checkpoint(
     Args:
         model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
             every non-meta tensor of its state dict is written (non-persistent buffers are not).
-        path: the checkpoint directory. An existing checkpoint there is replaced only once the
+        path: the checkpoint directory, or ``s3://bucket/prefix`` (``pip install 'distload[s3]'``;
+            see the README for what a concurrent reader of the prefix can observe). An existing
+            checkpoint there is replaced only once the
             new one is complete; its other files (a tokenizer, a README) are kept. A symlink is
             followed: the save replaces the checkpoint in the folder it points to, and the link stays.
             ``~`` and ``$VARS`` are expanded (:func:`distload.format.discover.expand_path`).
@@ -117,7 +121,8 @@ def save_checkpoint(
     transport = make_comm(device, process_group, timeout_s, comm)
     if not bucket_mb > 0:
         raise DistLoadError(f"bucket_mb must be a positive number of MiB, not {bucket_mb}")
-    return _Save(transport, model, expand_path(path), parse_size(max_shard_size), dtype,
+    target = str(path) if is_object_uri(path) else expand_path(path)  # s3://b/p is never a relative path
+    return _Save(transport, model, target, parse_size(max_shard_size), dtype,
                  int(bucket_mb * (1 << 20))).run()
 
 
@@ -169,7 +174,7 @@ def _contiguous_within(sub, box) -> int | None:
 class _Save:
     """One save on one rank. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, model: nn.Module, target: Path, max_shard_size: int,
+    def __init__(self, comm: Comm, model: nn.Module, target: Path | str, max_shard_size: int,
                  dtype: torch.dtype | None, bucket_bytes: int):
         self.comm, self.model, self.target = comm, model, target
         self.max_shard_size, self.dtype, self.bucket_bytes = max_shard_size, dtype, bucket_bytes
@@ -183,11 +188,14 @@ class _Save:
         self.stage_id: tuple[int, int] | None = None  # the staging directory's (device, inode), as seen here
         self.outcome: str | None = None  # what the target holds, once this rank knows (commit onwards)
         self.warnings: list[str] = []
+        self.remote = isinstance(target, str)  # object storage: files go through self.sink
+        self.sink: Sink | None = None
+        self.began = False  # rank 0 began the sink, so a failure discards what it wrote
 
     def run(self) -> SaveReport:
         t0 = time.perf_counter()
         plan: SavePlan | None = None
-        files: dict[int, OutFile] = {}
+        files: dict[int, Output] = {}
         queue: WriteQueue | None = None
         ok = False
         try:
@@ -196,12 +204,16 @@ class _Save:
             self.phase = "open"
             err = None
             try:
-                self.stage_id = stage_identity(Path(plan.stage))
+                if self.remote:
+                    self.sink = self.sink or _object_sink(str(self.target))
+                else:
+                    self.stage_id = stage_identity(Path(plan.stage))
                 queue = WriteQueue()
                 for i in plan.files_of(self.comm.rank):
                     spec = plan.files[i]
-                    files[i] = OutFile(Path(plan.stage), spec.name, spec.size)
-                    write_all(files[i].fd, memoryview(spec.header), 0)
+                    files[i] = (self.sink.create(spec.name, spec.size) if self.sink is not None
+                                else OutFile(Path(plan.stage), spec.name, spec.size))
+                    files[i].write(0, memoryview(spec.header))
             except Exception as e:
                 err = add_context(e, f"creating this rank's files in {plan.stage}")
             self.comm.agree("open", err)
@@ -218,6 +230,15 @@ class _Save:
                 except Exception as e:
                     err = add_context(e, "fsync and rename")
             self.comm.agree("write", err)
+            if self.remote:  # every part of every file is uploaded: only now may they replace older objects
+                self.phase = "publish"
+                err = None
+                try:
+                    for f in files.values():
+                        f.publish()
+                except Exception as e:
+                    err = add_context(e, "completing this rank's uploads")
+                self.comm.agree("publish", err)
             self.phase = "commit"
             err = None
             if self.comm.rank == 0:
@@ -228,7 +249,8 @@ class _Save:
                 except Exception as e:
                     err = add_context(e, f"committing {self.target} (it is unchanged)")
             self.comm.agree("commit", err)
-            self.outcome = f"{target_of(Path(plan.stage))} holds the new checkpoint, complete"
+            where = self.target if self.remote else target_of(Path(plan.stage))
+            self.outcome = f"{where} holds the new checkpoint, complete"
             ok = True
             self.phase = "report"
             return self.report(plan, files, written, time.perf_counter() - t0)
@@ -239,6 +261,8 @@ class _Save:
         finally:
             if not ok:
                 self._cleanup(plan, files, queue)
+            if self.sink is not None:
+                self.sink.close()
 
     # ---- plan ----------------------------------------------------------------
 
@@ -275,11 +299,16 @@ class _Save:
                 used = {o.source for o in outs}
                 sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
                 shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
-                target = resolve_target(self.target)  # a symlink: the folder it points to
-                target.parent.mkdir(parents=True, exist_ok=True)
-                stage = stage_dir(target, secrets.token_hex(6))
-                os.mkdir(stage)
-                self.stage = stage
+                if self.remote:
+                    self.sink = _object_sink(str(self.target))
+                    self.began = True
+                    stage = self.sink.begin()
+                else:
+                    target = resolve_target(self.target)  # a symlink: the folder it points to
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    stage = stage_dir(target, secrets.token_hex(6))
+                    os.mkdir(stage)
+                    self.stage = stage
                 plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
                                   bucket_bytes=self.bucket_bytes, stage=str(stage))
             except Exception as e:
@@ -293,7 +322,7 @@ class _Save:
         v = self.tensors[source]
         return (v._local_tensor if is_dtensor(v) else v).detach()
 
-    def transfer(self, plan: SavePlan, files: dict[int, OutFile], queue: WriteQueue) -> None:
+    def transfer(self, plan: SavePlan, files: dict[int, Output], queue: WriteQueue) -> None:
         """(all ranks) Walk the chunks: writers assemble and queue writes; holders of shards send theirs.
 
         Each chunk with pieces of sharded tensors starts with a status
@@ -359,7 +388,7 @@ class _Save:
                 t = plan.tensors[piece.tensor]
                 src = self._local(t.source)[_slices(piece.box)]
                 if src.device.type == "cpu" and src.dtype == _torch_dtype(t.dtype) and src.is_contiguous():
-                    queue.submit(f.fd, chunk.offset, _as_bytes(src), what=f.final.name)
+                    queue.submit(f, chunk.offset, _as_bytes(src), what=f.name)
                     return
             buf = pool.get()
             try:
@@ -368,7 +397,7 @@ class _Save:
             except BaseException:
                 pool.put(buf)
                 raise
-            queue.submit(f.fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf), f.final.name)
+            queue.submit(f, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf), f.name)
         except Exception as e:
             self.error = self.error or add_context(e, f"writing {plan.files[chunk.file].name}")
 
@@ -424,8 +453,8 @@ class _Save:
                     self._piece_view(plan, chunk, buf, k)[_slices(rel)].copy_(data)
                     off += n
             if self.error is None:
-                queue.submit(files[chunk.file].fd, chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf),
-                             files[chunk.file].final.name)
+                queue.submit(files[chunk.file], chunk.offset, buf[: chunk.nbytes], lambda: pool.put(buf),
+                             files[chunk.file].name)
                 return
         except Exception as e:
             self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
@@ -467,9 +496,9 @@ class _Save:
 
     # ---- commit and report -------------------------------------------------------
 
-    def commit(self, plan: SavePlan) -> None:
-        """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in."""
-        stage = Path(plan.stage)
+    def configs(self) -> dict[str, bytes]:
+        """``config.json`` (and ``generation_config.json``) as ``save_pretrained`` writes them; none for other models."""
+        out: dict[str, bytes] = {}
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
             config = copy.deepcopy(config)
@@ -477,11 +506,29 @@ class _Save:
             dtype = self.dtype or getattr(self.model, "dtype", None)
             if isinstance(dtype, torch.dtype):
                 config.dtype = str(dtype).split(".")[1]
-            write_small(stage / "config.json", config.to_json_string(use_diff=True).encode())
+            out["config.json"] = config.to_json_string(use_diff=True).encode()
             gen = getattr(self.model, "generation_config", None)
             can_generate = getattr(self.model, "can_generate", lambda: False)
             if gen is not None and can_generate():
-                write_small(stage / "generation_config.json", gen.to_json_string(use_diff=True).encode())
+                out["generation_config.json"] = gen.to_json_string(use_diff=True).encode()
+        return out
+
+    def commit(self, plan: SavePlan) -> None:
+        """(rank 0, once every file is complete on every rank) Configs, the index, then swap the directory in.
+
+        On object storage: the configs, then the index (the object that makes the prefix a checkpoint),
+        then the previous checkpoint's objects that the new one does not have are removed.
+        """
+        if self.sink is not None:
+            for name, data in self.configs().items():
+                self.sink.put_small(name, data)
+            self.warnings = self.sink.commit(INDEX_NAME, plan.index_json().encode(), [f.name for f in plan.files])
+            for w in self.warnings:
+                warnings.warn(f"distload save: {w}", stacklevel=4)
+            return
+        stage = Path(plan.stage)
+        for name, data in self.configs().items():
+            write_small(stage / name, data)
         write_small(stage / INDEX_NAME, plan.index_json().encode())
         self.stage = None  # from here on the commit decides what is removed
         try:
@@ -493,7 +540,7 @@ class _Save:
         for w in self.warnings:
             warnings.warn(f"distload save: {w}", stacklevel=4)
 
-    def report(self, plan: SavePlan, files: dict[int, OutFile], written: int, seconds: float) -> SaveReport:
+    def report(self, plan: SavePlan, files: dict[int, Output], written: int, seconds: float) -> SaveReport:
         info = rank_info(self.comm.rank)
         report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host, node=info.node_key,
                             path=str(self.target), files=sorted(plan.files[i].name for i in files),
@@ -508,15 +555,18 @@ class _Save:
 
     # ---- failure -------------------------------------------------------------------
 
-    def _cleanup(self, plan: SavePlan | None, files: dict[int, OutFile], queue: WriteQueue | None) -> None:
+    def _cleanup(self, plan: SavePlan | None, files: dict[int, Output], queue: WriteQueue | None) -> None:
         """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage
-        unless its commit has begun (finished files are never removed here: they may be the checkpoint)."""
+        unless its commit has begun (finished files are never removed here: they may be the checkpoint).
+        On object storage each rank aborts its uploads, and rank 0 removes the configs it wrote."""
         if queue is not None:
             queue.close()
         for f in files.values():
             f.abort()
         if self.stage is not None:  # rank 0, even when the plan never reached the others
             remove_stage(self.stage)
+        if self.began and self.sink is not None:
+            self.sink.discard()
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`.
@@ -527,7 +577,7 @@ class _Save:
         agreement every rank knows the new checkpoint is in place.
         """
         err = broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
-        if self.phase not in ("commit", "report") or self.plan_stage is None:
+        if self.phase not in ("commit", "report") or self.plan_stage is None or self.remote:
             return err
         stage = Path(self.plan_stage)
         note = self.outcome
@@ -535,3 +585,14 @@ class _Save:
             note = (f"{target_of(stage)} is unchanged" if self.comm.rank == 0
                     else observe(target_of(stage), stage, self.stage_id))
         return _noted(err, self.comm.rank, note)
+
+
+def _object_sink(uri: str) -> Sink:
+    """(every rank of a save to object storage) Where this rank's files go: multipart uploads under ``uri``.
+
+    The previous checkpoint's objects it removes after the new index are the ones a local save
+    replaces (:data:`distload.io.commit.REPLACED`) and those the previous index names.
+    """
+    from .storage.s3 import S3Sink
+
+    return S3Sink(uri, REPLACED)

@@ -335,7 +335,7 @@ def _many_files(d: Path, n_files: int, per_file: int = 1) -> Path:
 def test_index_naming_too_many_files_is_refused_before_opening_any(tmp_path, monkeypatch):
     d = _many_files(tmp_path / "ck", 3)
     monkeypatch.setattr(header, "MAX_FILES", 2)
-    monkeypatch.setattr(header, "read_header", lambda *a, **k: pytest.fail("opened a file"))
+    monkeypatch.setattr(header, "header_from", lambda *a, **k: pytest.fail("opened a file"))
     with pytest.raises(DistLoadError, match="names 3 files, over the 2 file limit"):
         read_checkpoint(d)
 

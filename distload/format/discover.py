@@ -1,10 +1,13 @@
-"""Finding a checkpoint: what the user named (a directory, a file, an index, a Hub repo id) -> its files.
+"""Finding a checkpoint: what the user named (a directory, a file, an index, a Hub repo id, an
+``s3://bucket/prefix``) -> its files.
 
 (any rank, locally) :func:`resolve_checkpoint` turns a path or a repo id in
 the local Hugging Face cache into a local path; :func:`find_checkpoint` finds
-the index or the single file there; :func:`local_root` is an owner rank's own
-view of the same checkpoint. Pickle checkpoints are refused here, with the command
-that converts them. Nothing is downloaded and nothing talks to other ranks.
+the index or the single file there; :func:`locate` does the same for local
+paths and object storage alike, through the storage seam; :func:`local_root`
+and :func:`owner_store` are an owner rank's own view of the same checkpoint.
+Pickle checkpoints are refused here, with the command that converts them.
+Nothing is downloaded and nothing talks to other ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import socket
 from pathlib import Path
 
 from ..errors import DistLoadError
+from ..storage.base import Store, is_object_uri, open_store
+from ..storage.files import LocalStore
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -48,8 +53,10 @@ def unset_variables(text: str) -> list[str]:
 _VAR = re.compile(r"\$(?:(\w+)|\{([^}]*)\})")
 
 
-def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path | str:
     """(any rank, locally) The local path for what the user named: a path, or a Hub repo id.
+
+    An ``s3://bucket/prefix`` comes back unchanged: it is never a local path.
 
     ``~`` and ``$VARS`` are expanded first (:func:`expand_path`). A path that
     exists here is returned as is. Otherwise ``org/name`` is looked up in this
@@ -64,6 +71,10 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = N
         root = distload.resolve_checkpoint("Qwen/Qwen3-0.6B")
         # ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/<commit>
     """
+    if is_object_uri(path_or_repo):
+        if revision is not None:
+            raise DistLoadError(f"revision={revision!r} needs a Hub repo id (org/name), not {path_or_repo!r}")
+        return str(path_or_repo)
     text = os.fspath(path_or_repo)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
@@ -206,29 +217,40 @@ def _find_checkpoint(p: Path) -> tuple[Path, Path | None, list[str]]:
         raise DistLoadError(f"not a safetensors checkpoint (expected .safetensors or .index.json): {p}")
     if not p.is_dir():
         raise DistLoadError(f"checkpoint path is neither a file nor a directory: {p}")
-    default_index = p / "model.safetensors.index.json"
-    if default_index.is_file():
-        return p, default_index, []
-    indexes = sorted(x.name for x in p.glob("*.safetensors.index.json"))
+    index, single = pick_files(sorted(x.name for x in p.iterdir()), p, is_file=lambda n: (p / n).is_file())
+    return p, (p / index if index is not None else None), single
+
+
+def pick_files(names: list[str], where: Path | str, is_file=lambda name: True) -> tuple[str | None, list[str]]:
+    """Choose what to load among the names in one directory or prefix: ``(index, [])`` or ``(None, [file])``.
+
+    ``model.safetensors.index.json``, else the only ``*.safetensors.index.json``,
+    else ``model.safetensors``, else the only ``*.safetensors``. ``is_file``
+    tells a file from a directory of that name (every object is a file).
+    """
+    if "model.safetensors.index.json" in names and is_file("model.safetensors.index.json"):
+        return "model.safetensors.index.json", []
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) == 1:
-        return p, p / indexes[0], []
+        return indexes[0], []
     if len(indexes) > 1:
-        raise DistLoadError(f"several index files in {p}: {indexes}; pass the one to load")
-    if (p / "model.safetensors").is_file():
-        return p, None, ["model.safetensors"]
-    singles = sorted(x.name for x in p.glob("*.safetensors"))
+        raise DistLoadError(f"several index files in {where}: {indexes}; pass the one to load")
+    if "model.safetensors" in names and is_file("model.safetensors"):
+        return None, ["model.safetensors"]
+    singles = [n for n in names if n.endswith(".safetensors")]
     if len(singles) == 1:
-        return p, None, singles
+        return None, singles
     if len(singles) > 1:
-        raise DistLoadError(f"{len(singles)} .safetensors files in {p} but no *.safetensors.index.json to join them")
-    pickles = sorted(x.name for x in p.iterdir() if x.name.endswith(PICKLE_SUFFIXES + (".bin.index.json",)))
+        raise DistLoadError(f"{len(singles)} .safetensors files in {where} but no *.safetensors.index.json to "
+                            "join them")
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES + (".bin.index.json",))]
     if pickles:
-        raise DistLoadError(pickle_help(p, pickles))
-    raise DistLoadError(f"no safetensors checkpoint in {p}: looked for model.safetensors.index.json, "
+        raise DistLoadError(pickle_help(where, pickles))
+    raise DistLoadError(f"no safetensors checkpoint in {where}: looked for model.safetensors.index.json, "
                         "*.safetensors.index.json, model.safetensors and *.safetensors")
 
 
-def pickle_help(root: Path, pickles: list[str]) -> str:
+def pickle_help(root: Path | str, pickles: list[str]) -> str:
     """Why a pickle checkpoint is refused, and the one command that converts it.
 
     With a ``config.json`` naming the model class, the recipe loads the
@@ -241,7 +263,7 @@ def pickle_help(root: Path, pickles: list[str]) -> str:
     what = ", ".join(pickles)
     head = (f"distload refuses pickle checkpoints ({what} in {root}): unpickling runs arbitrary code from the "
             "file. Convert it once, in an environment that trusts the file")
-    arch = _config_architecture(root)
+    arch = _config_architecture(root) if isinstance(root, Path) else None
     hf_weights = any(n.startswith("pytorch_model") for n in pickles)
     if arch is not None and hf_weights:
         dst = f"{root}-safetensors"
@@ -250,7 +272,7 @@ def pickle_help(root: Path, pickles: list[str]) -> str:
         return (f"{head}, with the class config.json names (keeps tied weights and every head): "
                 f"python -c {shlex.quote(code)} ; then load {dst}")
     weights = [n for n in pickles if not n.endswith(".index.json")]
-    if len(weights) == 1:
+    if len(weights) == 1 and isinstance(root, Path):
         src = root / weights[0]
         out = root / ("model.safetensors" if weights[0].startswith("pytorch_model")
                       else Path(weights[0]).stem + ".safetensors")
@@ -269,6 +291,46 @@ def _config_architecture(root: Path) -> str | None:
         return None
     name = archs[0] if isinstance(archs, list) and archs else None
     return name if isinstance(name, str) and name.isidentifier() else None
+
+
+def locate(path: str | os.PathLike) -> tuple[Store, str | None, list[str]]:
+    """(coordinator) ``(store, index name or None, [single file] or [])`` for what the user named.
+
+    Local paths resolve as :func:`find_checkpoint` does. ``s3://bucket/prefix``
+    is a prefix (its objects are listed, never read) unless it names an object
+    ending in ``.safetensors`` or ``.index.json``, which is then the file to load.
+    """
+    if not is_object_uri(path):
+        root, index, single = find_checkpoint(path)
+        return LocalStore(root), (index.name if index is not None else None), single
+    uri = str(path).rstrip("/")
+    parent, _, base = uri.rpartition("/")
+    if base.endswith((".safetensors", ".index.json") + PICKLE_SUFFIXES) and parent not in ("s3:/", "s3:"):
+        store = open_store(parent)
+        if base in store.names():
+            if base.endswith(".bin.index.json") or base.endswith(PICKLE_SUFFIXES):
+                raise DistLoadError(pickle_help(parent, [base]))
+            if base.endswith(".index.json"):
+                return store, base, []
+            if base.endswith(".safetensors"):
+                return store, None, [base]
+    store = open_store(uri)
+    names = store.names()
+    if not names:
+        raise DistLoadError(f"checkpoint path does not exist: {uri} (no objects under that prefix)")
+    index, single = pick_files(names, uri)
+    return store, index, single
+
+
+def owner_store(path: str | os.PathLike, planned: str) -> Store:
+    """(owner ranks) This rank's store for the checkpoint rank 0 planned at ``planned``.
+
+    Object storage looks the same from every node: the planned prefix. A local
+    checkpoint is this rank's own view of ``path`` (see :func:`local_root`).
+    """
+    if is_object_uri(planned):
+        return open_store(planned)
+    return LocalStore(local_root(path))
 
 
 def local_root(path: str | os.PathLike) -> Path:

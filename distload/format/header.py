@@ -10,16 +10,19 @@ so hostile or damaged checkpoints never surface as a ``KeyError`` or a hang.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import reprlib
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DistLoadError
-from ..storage.files import open_checked, open_regular, read_all
-from .discover import PICKLE_SUFFIXES, find_checkpoint, pickle_help
+from ..storage.base import Source, Store
+from ..storage.files import FileSource, open_checked, open_regular
+from .discover import PICKLE_SUFFIXES, locate, pickle_help
 from .dtypes import DTYPES, torch_shape
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces, per file
@@ -59,6 +62,7 @@ class ShardFile:
     size: int  # whole file size in bytes
     data_offset: int  # 8 + header length: where tensor bytes begin
     tensors: tuple[TensorEntry, ...]  # sorted by start offset
+    version: str = ""  # the object's ETag on object storage, which pins its content; "" for local files
 
 
 @dataclass(frozen=True)
@@ -78,35 +82,35 @@ class Checkpoint:
         return [t.name for f in self.files for t in f.tensors]
 
 
-def read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
-    """Parse an index file into ``(weight_map, total_size or None)``."""
-    fd = open_regular(index_path)
+def read_index(index: Path | Source) -> tuple[dict[str, str], int | None]:
+    """Parse an index file (a path, or an opened source, which is closed) into ``(weight_map, total_size or None)``."""
+    src = FileSource(open_regular(index), index) if isinstance(index, Path) else index
+    name = src.name.rsplit("/", 1)[-1]
     try:
-        size = os.fstat(fd).st_size
-        if size > MAX_INDEX_BYTES:
-            raise DistLoadError(f"index {index_path}: {size} bytes exceeds the {MAX_INDEX_BYTES} byte limit")
-        raw = read_all(fd, size, index_path)
+        if src.size > MAX_INDEX_BYTES:
+            raise DistLoadError(f"index {src.name}: {src.size} bytes exceeds the {MAX_INDEX_BYTES} byte limit")
+        raw = src.read(src.size, 0, src.name)
     finally:
-        os.close(fd)
+        src.close()
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except DistLoadError as e:
-        raise DistLoadError(f"index {index_path.name}: {e}") from None
+        raise DistLoadError(f"index {name}: {e}") from None
     except UnicodeDecodeError as e:
-        raise DistLoadError(f"index {index_path.name} is not UTF-8: {e}") from None
+        raise DistLoadError(f"index {name} is not UTF-8: {e}") from None
     except (ValueError, RecursionError) as e:
-        raise DistLoadError(f"index {index_path.name} is not valid JSON: {e}") from None
+        raise DistLoadError(f"index {name} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise DistLoadError(f"index {index_path.name} has no 'weight_map' object")
+        raise DistLoadError(f"index {name} has no 'weight_map' object")
     wmap = doc["weight_map"]
     if not wmap:
-        raise DistLoadError(f"index {index_path.name} has an empty weight_map")
+        raise DistLoadError(f"index {name} has an empty weight_map")
     for key, fname in wmap.items():
         if not isinstance(fname, str):
-            raise DistLoadError(f"index {index_path.name}: weight_map[{key!r}] is not a file name")
+            raise DistLoadError(f"index {name}: weight_map[{key!r}] is not a file name")
         if fname.endswith(PICKLE_SUFFIXES):
-            raise DistLoadError(f"index {index_path.name} maps {key!r} to {fname!r}: "
-                                + pickle_help(index_path.parent, [fname]))
+            raise DistLoadError(f"index {name} maps {key!r} to {fname!r}: "
+                                + pickle_help(index.parent if isinstance(index, Path) else src.name.rpartition("/")[0], [fname]))
     meta = doc.get("metadata")
     total = meta.get("total_size") if isinstance(meta, dict) else None
     if isinstance(total, bool) or not isinstance(total, int):
@@ -126,25 +130,29 @@ def read_header(path: Path | str, display: str | None = None, *, root: Path | No
     else:
         path = Path(path)
         fd = open_regular(path)
-    name = display or path.name
+    src = FileSource(fd, path)
     try:
-        return header_from_fd(fd, name, limit=limit)
+        return header_from(src, display or path.name, limit=limit)
     finally:
-        os.close(fd)
+        src.close()
 
 
-def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> ShardFile:
-    """Read and validate the header of the open file ``fd`` (the length prefix first).
+def header_from(src: Source, name: str, *, limit: int = MAX_HEADER_BYTES) -> ShardFile:
+    """Read and validate the header of an opened file or object: the 8-byte length, then the header.
 
-    ``limit`` caps the header length (at most :data:`MAX_HEADER_BYTES`).
+    Two exact reads (ranged GETs on object storage), never the tensor data.
+    ``limit`` caps the header length (at most :data:`MAX_HEADER_BYTES`). The
+    result carries the source's version (an ETag), which pins what was read.
     """
-    try:
-        size = os.fstat(fd).st_size
-    except OSError as e:
-        raise DistLoadError(f"{name}: cannot stat: {e.strerror or e}") from e
+    return _header_after(src, name, header_length(src, name, limit))
+
+
+def header_length(src: Source, name: str, limit: int = MAX_HEADER_BYTES) -> int:
+    """The header length an opened source declares, checked against the limits and its size."""
+    size = src.size
     if size < 8:
         raise DistLoadError(f"{name}: truncated: {size} bytes, too short for the 8-byte header length")
-    (hlen,) = struct.unpack("<Q", read_all(fd, 8, name))
+    (hlen,) = struct.unpack("<Q", src.read(8, 0, name))
     if hlen > MAX_HEADER_BYTES:
         raise DistLoadError(f"{name}: header length {hlen} exceeds the {MAX_HEADER_BYTES} byte limit")
     if hlen > limit:
@@ -152,7 +160,12 @@ def header_from_fd(fd: int, name: str, *, limit: int = MAX_HEADER_BYTES) -> Shar
                             f"{MAX_TOTAL_HEADER_BYTES} byte limit on all headers together")
     if 8 + hlen > size:
         raise DistLoadError(f"{name}: header length {hlen} runs past the end of the file ({size} bytes)")
-    return parse_header(read_all(fd, hlen, name, 8), size, name)
+    return hlen
+
+
+def _header_after(src: Source, name: str, hlen: int) -> ShardFile:
+    shard = parse_header(src.read(hlen, 8, name), src.size, name)
+    return dataclasses.replace(shard, version=src.version) if src.version else shard
 
 
 def parse_header(raw: bytes, file_size: int, name: str) -> ShardFile:
@@ -268,28 +281,26 @@ def read_checkpoint(path: str | os.PathLike, *, strict: bool = True) -> Checkpoi
 
 
 def _read_checkpoint(path: str | os.PathLike, strict: bool) -> Checkpoint:
-    root, index_path, single = find_checkpoint(path)
+    store, index_name, single = locate(path)
     warnings: list[str] = []
-    if index_path is None:
-        shard = read_header(single[0], root=root)
+    if index_name is None:
+        (shard,) = _read_headers(store, single)
         if not shard.tensors:
             raise DistLoadError(f"{shard.name} holds no tensors")
-        return Checkpoint(str(root), (shard,))
+        return Checkpoint(store.location, (shard,))
 
-    wmap, total_size = read_index(index_path)
+    wmap, total_size = read_index(store.open(index_name, checked=False))
     by_file: dict[str, list[str]] = {}
     for key, fname in wmap.items():
         by_file.setdefault(fname, []).append(key)
     if len(by_file) > MAX_FILES:
-        raise DistLoadError(f"{index_path.name} names {len(by_file)} files, over the {MAX_FILES} file limit")
+        raise DistLoadError(f"{index_name} names {len(by_file)} files, over the {MAX_FILES} file limit")
     if len(wmap) > MAX_TENSORS:
-        raise DistLoadError(f"{index_path.name} lists {len(wmap)} tensors, over the {MAX_TENSORS} tensor limit")
+        raise DistLoadError(f"{index_name} lists {len(wmap)} tensors, over the {MAX_TENSORS} tensor limit")
     files: list[ShardFile] = []
     seen: dict[str, str] = {}
-    header_bytes = 0
-    for fname in sorted(by_file):
-        shard = read_header(fname, fname, root=root, limit=MAX_TOTAL_HEADER_BYTES - header_bytes)
-        header_bytes += shard.data_offset - 8
+    for shard in _read_headers(store, sorted(by_file)):
+        fname = shard.name
         if len(seen) + len(shard.tensors) > MAX_TENSORS:
             raise DistLoadError(f"the checkpoint's files hold over {MAX_TENSORS} tensors (the limit) "
                                 f"by {fname}")
@@ -314,7 +325,44 @@ def _read_checkpoint(path: str | os.PathLike, strict: bool) -> Checkpoint:
                 warnings.append(msg)
     data_bytes = sum(t.nbytes for f in files for t in f.tensors)
     if total_size is None:
-        warnings.append(f"{index_path.name} has no metadata.total_size (using {data_bytes} from headers)")
+        warnings.append(f"{index_name} has no metadata.total_size (using {data_bytes} from headers)")
     elif total_size != data_bytes:
-        warnings.append(f"{index_path.name} says total_size={total_size} but the headers hold {data_bytes} bytes")
-    return Checkpoint(str(root), tuple(files), tuple(sorted(missing)), tuple(warnings))
+        warnings.append(f"{index_name} says total_size={total_size} but the headers hold {data_bytes} bytes")
+    return Checkpoint(store.location, tuple(files), tuple(sorted(missing)), tuple(warnings))
+
+
+HEADER_FETCHES = 32  # concurrent header requests on object storage, where each read is a round trip
+
+
+def _read_headers(store: Store, names: list[str]) -> list[ShardFile]:
+    """(coordinator) Every named file's validated header, in order, under the limit on all headers together.
+
+    Local files are read one after another. On object storage the lengths
+    are fetched concurrently first and checked against the limit in order,
+    then the headers, so a hostile checkpoint cannot make rank 0 fetch more
+    than the limit.
+    """
+    if not store.remote:
+        out, header_bytes = [], 0
+        for name in names:
+            src = store.open(name)
+            try:
+                out.append(header_from(src, name, limit=MAX_TOTAL_HEADER_BYTES - header_bytes))
+            finally:
+                src.close()
+            header_bytes += out[-1].data_offset - 8
+        return out
+
+    def length(name: str) -> tuple[Source, int]:
+        src = store.open(name)
+        return src, header_length(src, name)
+
+    with ThreadPoolExecutor(min(HEADER_FETCHES, max(1, len(names))), thread_name_prefix="distload-head") as pool:
+        opened = list(pool.map(length, names))
+        total = 0
+        for name, (_, hlen) in zip(names, opened):
+            total += hlen
+            if total > MAX_TOTAL_HEADER_BYTES:
+                raise DistLoadError(f"{name}: header length {hlen} takes the checkpoint's headers past the "
+                                    f"{MAX_TOTAL_HEADER_BYTES} byte limit on all headers together")
+        return list(pool.map(lambda a: _header_after(a[1][0], a[0], a[1][1]), zip(names, opened)))

@@ -52,7 +52,7 @@ PREVIOUS, NEW, SPLIT = "previous", "new", "split"
 
 # What a save replaces in an existing target (as save_pretrained overwrites or cleans them up);
 # everything else there is kept. The previous index's own shard names are replaced too.
-_REPLACED = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+REPLACED = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
                        r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json|"
                        r"config\.json|generation_config\.json")
 _INDEX = "model.safetensors.index.json"
@@ -96,7 +96,7 @@ def fsync_dir(path: Path) -> None:
 def replaced_names(target: Path, entries: list[str]) -> set[str]:
     """The entries of ``target`` that belong to its checkpoint: weights, their index, the configs,
     and every file the previous index names."""
-    out = {e for e in entries if _REPLACED.fullmatch(e)}
+    out = {e for e in entries if REPLACED.fullmatch(e)}
     try:
         weight_map = json.loads((target / _INDEX).read_text()).get("weight_map", {})
         named = {v for v in weight_map.values() if isinstance(v, str)}

@@ -3,8 +3,9 @@
 (owner ranks) A :class:`ChunkReader` reads this rank's chunks, in schedule
 order, ahead of the consumer, so reading the next chunks overlaps the
 collective that sends the current one. Each chunk is cut into a few large
-sub-ranges that ``io_threads`` threads ``preadv`` concurrently, never mmap
-page faults, which are slow on network filesystems.
+sub-ranges that ``io_threads`` threads read concurrently through the storage
+seam (``preadv`` on local files, never mmap page faults, which are slow on
+network filesystems; ranged GETs of a fixed part size on object storage).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..errors import DistLoadError, add_context
-from ..format.header import header_from_fd
+from ..format.header import header_from
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
-from ..storage.files import open_checked, pread_into
+from ..storage.base import Source, Store
+from ..storage.files import LocalStore
 
 # A sub-range read is never smaller than this: large requests suit network
 # filesystems, and below it a thread costs more than it saves.
@@ -43,6 +45,13 @@ def check_io_threads(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DistLoadError(f"io_threads must be a positive integer, not {n!r}")
     return n
+
+
+def read_threads(sources: dict[int, Source], shared_by: int = 1) -> int:
+    """Read threads per owner when ``io_threads`` is not given: what its sources ask for (object
+    storage: its request concurrency), else :func:`default_io_threads`."""
+    wanted = [s.concurrency for s in sources.values() if s.concurrency]
+    return max(wanted) if wanted else default_io_threads(shared_by)
 
 
 def split_ranges(nbytes: int, threads: int, min_bytes: int = MIN_SPLIT_BYTES) -> list[tuple[int, int]]:
@@ -107,34 +116,40 @@ class BufferPool:
             self._cv.notify_all()
 
 
-def open_verified(plan: LoadPlan, file_idx: int, root: str | os.PathLike | None = None) -> int:
+def open_verified(plan: LoadPlan, file_idx: int, store: Store | None = None) -> Source:
     """(owner ranks) Open one assigned file and check it is the file rank 0 planned.
 
-    ``root`` is this rank's own checkpoint directory (see
-    :func:`distload.format.discover.local_root`); default the planner's. Storage can
-    differ between nodes, so each owner re-checks the name, that it is a
-    regular file (opened without blocking), its size, and its whole header
-    against rank 0's, before any data moves.
+    ``store`` is this rank's own view of the checkpoint (see
+    :func:`distload.format.discover.owner_store`); default the planner's
+    directory. Storage can differ between nodes, so each owner re-checks the
+    name, that it is a regular file (opened without blocking) and its size;
+    then either the version rank 0 read (an object's ETag, which pins its
+    content) or, where storage has none, the whole header against rank 0's,
+    before any data moves.
     """
     shard = plan.files[file_idx]
-    fd, path = open_checked(Path(plan.root if root is None else root), shard.name)
+    if store is None:
+        store = LocalStore(Path(plan.root))
+    src = store.open(shard.name)
     try:
-        size = os.fstat(fd).st_size
-        if size != shard.size:
-            raise DistLoadError(f"{path}: {size} bytes here, but rank 0 planned with {shard.size}")
-        if header_from_fd(fd, shard.name) != shard:
-            raise DistLoadError(f"{path}: header differs from the one rank 0 planned with")
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if src.size != shard.size:
+            raise DistLoadError(f"{src.name}: {src.size} bytes here, but rank 0 planned with {shard.size}")
+        if shard.version:
+            if src.version != shard.version:
+                raise DistLoadError(f"{src.name} changed since rank 0 planned the load (ETag {src.version}, "
+                                    f"planned {shard.version}); load again")
+        elif header_from(src, shard.name) != shard:
+            raise DistLoadError(f"{src.name}: header differs from the one rank 0 planned with")
+        src.sequential()
     except BaseException:
-        os.close(fd)
+        src.close()
         raise
-    return fd
+    return src
 
 
-def read_exact(fd: int, buf: torch.Tensor, offset: int, name: str) -> None:
-    """Fill ``buf`` (a contiguous uint8 CPU tensor) from ``fd`` at ``offset``."""
-    pread_into(fd, memoryview(buf.numpy()).cast("B"), offset, name)
+def read_exact(src: Source, buf: torch.Tensor, offset: int, name: str) -> None:
+    """Fill ``buf`` (a contiguous uint8 CPU tensor) from ``src`` at ``offset``."""
+    src.read_into(memoryview(buf.numpy()).cast("B"), offset, name)
 
 
 class _Pending:
@@ -190,7 +205,7 @@ class ChunkReader:
     def __init__(
         self,
         plan: LoadPlan,
-        fds: dict[int, int],
+        sources: dict[int, Source],
         chunks: list[Chunk],
         pool: BufferPool,
         target_for: Callable[[Chunk], torch.Tensor | None],
@@ -199,16 +214,17 @@ class ChunkReader:
         ahead: int = 1,
         device: torch.device | None = None,
     ):
-        self._plan, self._fds, self._pool, self._target_for = plan, fds, pool, target_for
+        self._plan, self._sources, self._pool, self._target_for = plan, sources, pool, target_for
         # A CUDA rank's threads make its GPU current: a pinned allocation or an event query on a
         # thread whose current device is cuda:0 creates a context there (~500 MiB) for every rank.
         self._device = device if device is not None and device.type == "cuda" else None
-        self._threads_n = check_io_threads(default_io_threads() if io_threads is None else io_threads)
+        self._threads_n = check_io_threads(read_threads(sources) if io_threads is None else io_threads)
         self._todo = chunks
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._ahead = threading.Semaphore(ahead)
-        self._window = threading.Semaphore(READ_AHEAD)
+        # Enough chunks in flight to keep every request busy when chunks are small (object storage).
+        self._window = threading.Semaphore(max(READ_AHEAD, *(s.concurrency or 0 for s in sources.values()), 0))
         self._stop = threading.Event()
         self._failed = threading.Event()
         self.bytes_read = 0
@@ -251,7 +267,9 @@ class ChunkReader:
                 except BaseException as e:  # handed to the consumer, who reports it to all ranks
                     self._out.put(_Pending(chunk, None, False, 0, e))
                     return
-                parts = split_ranges(chunk.nbytes, self._threads_n, MIN_SPLIT_BYTES)
+                part = self._sources[chunk.file].part_bytes
+                parts = (split_ranges(chunk.nbytes, self._threads_n, MIN_SPLIT_BYTES) if part is None
+                         else [(off, min(part, chunk.nbytes - off)) for off in range(0, chunk.nbytes, part)])
                 pending = _Pending(chunk, buf, pooled, len(parts))
                 self._out.put(pending)
                 for off, n in parts:
@@ -273,7 +291,7 @@ class ChunkReader:
                 continue
             chunk = pending.chunk
             try:
-                read_exact(self._fds[chunk.file], pending.buf[off : off + n], chunk.start + off,
+                read_exact(self._sources[chunk.file], pending.buf[off : off + n], chunk.start + off,
                            self._plan.files[chunk.file].name)
                 pending.finish(None)
             except BaseException as e:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..storage.base import Output
+
 TMP_SUFFIX = ".distload-tmp"
 _STAGE = ".distload-"
 
@@ -59,10 +61,11 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-class OutFile:
+class OutFile(Output):
     """One file being written under a temporary name in the staging directory."""
 
     def __init__(self, stage: Path, name: str, size: int):
+        self.name = name
         self.final = stage / name
         self.tmp = stage / (name + TMP_SUFFIX)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -72,6 +75,9 @@ class OutFile:
             os.close(self.fd)
             os.unlink(self.tmp)
             raise
+
+    def write(self, offset: int, data: memoryview) -> None:
+        write_all(self.fd, data, offset)
 
     def finish(self) -> None:
         """fsync, close, rename to the final name."""
@@ -109,18 +115,18 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._run, name="distload-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fd: int, offset: int, buf: torch.Tensor, done=None, what: str = "") -> None:
-        self._jobs.put((fd, offset, buf, done, what))
+    def submit(self, out: Output, offset: int, buf: torch.Tensor, done=None, what: str = "") -> None:
+        self._jobs.put((out, offset, buf, done, what))
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            fd, offset, buf, done, what = job
+            out, offset, buf, done, what = job
             try:
                 if self._error is None:
-                    write_all(fd, byte_view(buf), offset)
+                    out.write(offset, byte_view(buf))
                     self.bytes_written += buf.numel() * buf.element_size()
             except BaseException as e:
                 if isinstance(e, OSError) and what:

@@ -227,13 +227,13 @@ def _pack_files(files: tuple[ShardFile, ...]) -> list[tuple]:
         out.append((f.name, f.size, f.data_offset, [t.name for t in ts],
                     [shared.setdefault(t.dtype, t.dtype) for t in ts],
                     [shared.setdefault(t.shape, t.shape) for t in ts],
-                    array("q", [t.start for t in ts]), array("q", [t.end for t in ts])))
+                    array("q", [t.start for t in ts]), array("q", [t.end for t in ts]), f.version))
     return out
 
 
 def _unpack_files(packed: list[tuple]) -> tuple[ShardFile, ...]:
-    return tuple(ShardFile(name, size, offset, tuple(map(TensorEntry, names, dtypes, shapes, starts, ends)))
-                 for name, size, offset, names, dtypes, shapes, starts, ends in packed)
+    return tuple(ShardFile(name, size, offset, tuple(map(TensorEntry, names, dtypes, shapes, starts, ends)), version)
+                 for name, size, offset, names, dtypes, shapes, starts, ends, version in packed)
 
 
 def _unpack_plan(blob: bytes) -> LoadPlan:

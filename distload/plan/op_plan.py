@@ -19,6 +19,7 @@ Pure and deterministic. A :class:`~distload.plan.keys.GatheredOp` (``Chunk``,
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 from ..format.header import ShardFile, TensorEntry
@@ -92,8 +93,8 @@ def _batch(plan: LoadPlan, ops: Sequence[GatheredOp], batch: list[int],
             by_file.setdefault(f, []).append(t)
             layouts[k] = private_layout(t.shape, plan.op_ranks[i], plan.world_size)
     index = tuple(sorted(by_file))
-    files = tuple(ShardFile(plan.files[i].name, plan.files[i].size, plan.files[i].data_offset,
-                            tuple(sorted(by_file[i], key=lambda t: t.start))) for i in index)
+    files = tuple(dataclasses.replace(plan.files[i], tensors=tuple(sorted(by_file[i], key=lambda t: t.start)))
+                  for i in index)
     owners = tuple(plan.owners[i] for i in index)
     sp = build_shard_plan(files, owners, layouts, world_size=plan.world_size, bucket_bytes=plan.bucket_bytes,
                           read_policy="scatter", local_storage=False)

@@ -2,7 +2,9 @@
 
 Process-local, on whichever rank opens a file: the coordinator reading
 headers and each owner reading its data. Every check raises
-:class:`~distload.errors.DistLoadError` naming the file.
+:class:`~distload.errors.DistLoadError` naming the file. :class:`LocalStore`
+and :class:`FileSource` are the local side of the storage seam
+(:mod:`distload.storage.base`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import stat
 from pathlib import Path
 
 from ..errors import DistLoadError
+from .base import Source, Store, check_plain_name
 
 
 def check_file_name(root: Path, name: str) -> Path:
@@ -27,8 +30,7 @@ def check_file_name(root: Path, name: str) -> Path:
 
 
 def _check(root: Path, name: str) -> tuple[Path, os.stat_result]:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or ".." in name:
-        raise DistLoadError(f"refusing file name {name!r}: it must be a plain file name inside {root}")
+    check_plain_name(name, root)
     path = root / name
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
@@ -128,3 +130,61 @@ def read_all(fd: int, n: int, name: object, offset: int = 0) -> bytes:
     except OSError as e:
         raise DistLoadError(f"{name}: read failed: {e.strerror or e}") from e
     return bytes(buf)
+
+
+class FileSource(Source):
+    """(any rank) One open local file: ``preadv`` reads by the caller's threads."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.name, self.version = fd, str(path), ""
+        try:
+            self.size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise DistLoadError(f"{path}: cannot stat: {e.strerror or e}") from e
+
+    def read_into(self, view: memoryview, offset: int, what: str | None = None) -> None:
+        pread_into(self.fd, view, offset, what or self.name)
+
+    def sequential(self) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class LocalStore(Store):
+    """(any rank) A checkpoint directory on this node."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.location = str(root)
+
+    def open(self, name: str, *, checked: bool = True) -> FileSource:
+        if checked:
+            fd, path = open_checked(self.root, name)
+        else:
+            path = self.root / name
+            fd = open_regular(path)
+        return FileSource(fd, path)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+
+    def get_small(self, name: str, limit: int) -> bytes | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        src = FileSource(open_regular(path), path)
+        try:
+            if src.size > limit:
+                raise DistLoadError(f"{path}: {src.size} bytes exceeds the {limit} byte limit")
+            return src.read(src.size)
+        finally:
+            src.close()
+
+    def uri(self, name: str) -> str:
+        return str(self.root / name)

@@ -1,4 +1,4 @@
-"""What kind of storage a checkpoint sits on, for the ``auto`` reading policy.
+"""What kind of storage a checkpoint sits on, for the ``auto`` reading policy (object storage counts as network).
 
 (coordinator) Process-local: reads ``/proc/self/mountinfo``, nothing else.
 """
@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+
+from .base import is_object_uri
 
 # Filesystems where many concurrent small readers cost more than one large
 # sequential reader: network, parallel and FUSE filesystems.
@@ -34,6 +36,8 @@ def fs_type(path: str | os.PathLike) -> str:
 
 
 def is_local_storage(path: str | os.PathLike) -> bool:
-    """True unless ``path`` is on a network, parallel or FUSE filesystem."""
+    """True unless ``path`` is on a network, parallel or FUSE filesystem, or in object storage."""
+    if is_object_uri(path):
+        return False
     kind = fs_type(path)
     return not any(kind == n or kind.startswith(n + ".") for n in NETWORK_FS)

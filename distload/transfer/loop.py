@@ -60,13 +60,14 @@ import time
 import torch
 
 from ..errors import add_context
-from ..io.reader import BufferPool, ChunkReader, default_io_threads
+from ..io.reader import BufferPool, ChunkReader, read_threads
 from ..io.stage import CopyStage
 from ..model.place import Placement
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
 from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
 from ..plan.shard_plan import ScatterChunk
+from ..storage.base import Source
 from ..transport.comm import Comm, Status
 from .scatter import pack
 
@@ -79,7 +80,7 @@ AGREE_EVERY = 16
 STATUS_LAG = {"cpu": 0, "cuda": 1}
 
 
-def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
+def transfer(comm: Comm, plan: LoadPlan, placement: Placement, sources: dict[int, Source],
              progress=None, io_threads: int | None = None, ranks_here: int = 1) -> tuple[int, int, int]:
     """(all ranks) Run the schedule. Returns (bytes this rank read, collectives, buffer bytes).
 
@@ -90,7 +91,7 @@ def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, in
     its share. (World 2 on 2 cores: replicated 2.90 s with 1 thread per rank
     against 3.17 s with 2; slice-read FSDP2 1.19 s with 2 against 1.33 s.)
     """
-    t = Transfer(comm, plan, placement, fds, progress, io_threads, ranks_here)
+    t = Transfer(comm, plan, placement, sources, progress, io_threads, ranks_here)
     return t.run(), t.collectives, t.buffer_bytes
 
 
@@ -146,11 +147,11 @@ class _Progress:
 class Transfer:
     """One rank's walk through the schedule. ``run`` is collective."""
 
-    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int], progress=None,
+    def __init__(self, comm: Comm, plan: LoadPlan, placement: Placement, sources: dict[int, Source], progress=None,
                  io_threads: int | None = None, ranks_here: int = 1):
-        self.comm, self.plan, self.placement, self.fds, self.progress = comm, plan, placement, fds, progress
-        self.feed_threads = io_threads or default_io_threads(ranks_here)  # see transfer()
-        self.slice_threads = io_threads or default_io_threads()
+        self.comm, self.plan, self.placement, self.sources, self.progress = comm, plan, placement, sources, progress
+        self.feed_threads = io_threads or read_threads(sources, ranks_here)  # see transfer()
+        self.slice_threads = io_threads or read_threads(sources)
         self.stage: CopyStage | None = None
         self.read = self.land = self.send = self.slice = None  # BufferPools, made by _pools
         self.reader = self.slicer = None  # ChunkReaders, made once the pools exist
@@ -245,12 +246,12 @@ class Transfer:
                         # slices: they share the pinned buckets and the copy stream.
                         threads = self.slice_threads if any(s.kind == SLICE for s in mine) else self.feed_threads
                         self.reader = self.slicer = ChunkReader(
-                            self.plan, self.fds, [s.item for s in mine], self.read, lambda c: None,
+                            self.plan, self.sources, [s.item for s in mine], self.read, lambda c: None,
                             io_threads=threads, ahead=self.stage.read_ahead, device=comm.device)
                     else:
-                        self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE],
+                        self.reader = ChunkReader(self.plan, self.sources, [s.item for s in mine if s.kind != SLICE],
                                                   self.read, read_target, io_threads=self.feed_threads)
-                        self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                        self.slicer = ChunkReader(self.plan, self.sources, [s.item for s in mine if s.kind == SLICE],
                                                   self.slice, slice_target, io_threads=self.slice_threads)
                 except Exception as e:
                     error = add_context(e, "starting this rank's read threads")

@@ -35,6 +35,7 @@ from ..plan.keys import GatheredOp
 from ..plan.load_plan import LoadPlan
 from ..plan.op_plan import op_batches
 from ..plan.shard import Layout
+from ..storage.base import Source
 from ..transport.comm import Comm
 from .loop import transfer
 
@@ -42,7 +43,7 @@ PHASE = "convert"
 
 
 def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placement: KeyedPlacement,
-                 fds: dict[int, int], layouts: Mapping[str, Layout],
+                 sources: dict[int, Source], layouts: Mapping[str, Layout],
                  io_threads: int | None = None, ranks_here: int = 1,
                  progress=None) -> tuple[int, int, int, list[str]]:
     """(all ranks) Run every gathered op on its rank and place the results (see the module doc).
@@ -57,8 +58,8 @@ def run_gathered(comm: Comm, plan: LoadPlan, ops: tuple[GatheredOp, ...], placem
     read = collectives = buffers = 0
     ran: list[str] = []
     for batch in op_batches(plan, ops):
-        fds_of = {k: fds[i] for k, i in enumerate(batch.files) if i in fds}
-        got, n, buf = transfer(comm, batch.plan, placement, fds_of, progress, io_threads=io_threads,
+        sources_of = {k: sources[i] for k, i in enumerate(batch.files) if i in sources}
+        got, n, buf = transfer(comm, batch.plan, placement, sources_of, progress, io_threads=io_threads,
                                ranks_here=ranks_here)
         read, collectives, buffers = read + got, collectives + n, max(buffers, buf)
         made: dict[str, torch.Tensor] = {}
