@@ -79,9 +79,9 @@ EXAMPLES = [b for b in BLOCKS if b.lang in ("python", "bash")]
 
 
 def test_every_fenced_block_is_an_example_or_output():
-    """A block without a language would be neither run nor marked as output."""
-    assert BLOCKS and all(b.lang in ("python", "bash", "text") for b in BLOCKS), \
-        [(b.line, b.lang) for b in BLOCKS if b.lang not in ("python", "bash", "text")]
+    """A block without a language would be neither run nor marked as output (``text``) or a config file (``ini``)."""
+    assert BLOCKS and all(b.lang in ("python", "bash", "text", "ini") for b in BLOCKS), \
+        [(b.line, b.lang) for b in BLOCKS if b.lang not in ("python", "bash", "text", "ini")]
     for b in EXAMPLES:  # a marker is the first line, where a reader sees it first
         assert "# needs:" not in b.code.split("\n", 1)[1], f"README line {b.line}: '# needs:' must open the block"
 
