@@ -50,6 +50,7 @@ or the largest scatter chunk or segment when bigger):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -130,6 +131,8 @@ class Transfer:
         self.agree_every = AGREE_EVERY if comm.device.type == "cpu" else 1
         self._seen = 0  # data collectives reached, the same count on every rank
         self._spare: torch.Tensor | None = None  # stand-in bytes for a rank whose step failed
+        self._held: list[tuple[BufferPool, torch.Tensor]] = []  # pooled buffers of the step being run
+        self.bytes_read = 0  # this rank's, once the walk ended
 
     # ---- setup ----------------------------------------------------------------
 
@@ -177,13 +180,35 @@ class Transfer:
 
     def run(self) -> int:
         """(all ranks) Walk every step; returns the bytes this rank read."""
+        for _ in self.walk():
+            pass
+        return self.bytes_read
+
+    def walk(self, pause: bool = False, error: BaseException | None = None) -> Iterator[Step]:
+        """(all ranks) Walk every step; with ``pause``, yield each step whose bytes landed here.
+
+        Without ``pause`` this is the load: nothing is yielded. With it, the
+        walk stops after each step that this rank ran without error, with the
+        step's buffers still held (and, on CUDA, the caller's stream ordered
+        after the step's collective and the next one after the caller's work),
+        so a consumer can read what landed in place until it resumes the walk.
+        Pausing agrees before every collective (``agree_every`` 1): a paused
+        consumer only ever sees bytes whose sender read them without error.
+
+        A consumer stops by throwing an exception in at the pause
+        (``walk.throw(e)``; closing counts too): this rank then takes part as
+        a failed rank, and the next status exchange raises the same
+        :class:`~distload.errors.DistLoadError` on every rank. ``error`` starts
+        the walk as failed already (a consumer that stopped before the first step).
+        """
         comm, rank = self.comm, self.comm.rank
+        if pause:
+            self.agree_every = 1
         self.groups = self._groups()
-        error: BaseException | None = None
         try:
             self._pools()
         except Exception as e:  # agreed before the first collective
-            error = e
+            error = error or e
         host = torch.device("cpu")
         on_host = comm.device.type == "cpu"
 
@@ -207,17 +232,32 @@ class Transfer:
                 self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
                                           self.slice, slice_target, io_threads=self.slice_threads)
             for step in self.steps:
-                if step.kind == SLICE:
-                    if step.item.owner == rank and error is None:
+                self._held = []
+                try:
+                    if step.kind == SLICE:
+                        if step.item.owner == rank and error is None:
+                            try:
+                                self._slice(step.item)
+                            except Exception as e:
+                                error = e
+                    else:
+                        move = self._broadcast if step.kind == BROADCAST else self._scatter
+                        error = move(step.item, error)
+                    if self.progress is not None:
+                        self.progress.update(counter.step(step))
+                    if pause and error is None:
+                        if self.stage is not None:
+                            self.stage.hand_over()
                         try:
-                            self._slice(step.item)
-                        except Exception as e:
+                            yield step
+                        except (Exception, GeneratorExit) as e:  # the consumer stopped: fail at the next exchange
                             error = e
-                else:
-                    move = self._broadcast if step.kind == BROADCAST else self._scatter
-                    error = move(step.item, error)
-                if self.progress is not None:
-                    self.progress.update(counter.step(step))
+                        finally:
+                            if self.stage is not None:
+                                self.stage.take_back()
+                finally:
+                    for pool, b in self._held:
+                        pool.release(b)
             if self.progress is not None:
                 self.progress.update(counter.rest())
             comm.agree("transfer", error)
@@ -232,7 +272,7 @@ class Transfer:
                 pools.remove(self.stage.pinned)
             self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in pools}.values()) + (
                 self.stage.allocated_bytes if self.stage is not None else 0)
-        return sum(r.bytes_read for r in readers)
+            self.bytes_read = sum(r.bytes_read for r in readers)
 
     def _on_device_queue(self):
         """The collective and unpacking of one step: on CUDA on the stage's comm stream, after its copy."""
@@ -280,8 +320,7 @@ class Transfer:
                         error = e
             self._done(buf)
         finally:
-            for pool, b in held:
-                pool.release(b)
+            self._held += held  # released by the walk when it moves on
         return error
 
     def _broadcast_source(self, chunk: Chunk, held: list) -> tuple[torch.Tensor, bool]:
@@ -347,8 +386,7 @@ class Transfer:
                 if not landed:
                     self._done(recv)
         finally:
-            for pool, b in held:
-                pool.release(b)
+            self._held += held  # released by the walk when it moves on
         return error
 
     def _pack(self, chunk: ScatterChunk, slot: dict[int, int], held: list) -> torch.Tensor:
@@ -395,10 +433,8 @@ class Transfer:
         """(the reading rank) Take its own slice from the slice reader; place it unless it was read in place."""
         buf, pooled = self._next(self.slicer, chunk)
         if pooled:
-            try:
-                self._commit(chunk, chunk.pieces, buf)
-            finally:
-                self.slice.release(buf)
+            self._held.append((self.slice, buf))  # released by the walk when it moves on
+            self._commit(chunk, chunk.pieces, buf)
 
     # ---- shared ----------------------------------------------------------------------
 
