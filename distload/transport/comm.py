@@ -194,11 +194,18 @@ class TorchComm(Comm):
         round trip per chunk, no device sync, and a hung peer still times out.
     """
 
-    def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None):
+    def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None, *,
+                 control_group: Any = None, make_groups: bool = True):
+        """``control_group``: a gloo group of the same ranks, for error agreement and
+        object exchange (an engine's own CPU group), so none is made for an NCCL
+        ``group``. ``make_groups=False``: never create a process group; scatters
+        over part of the ranks then run as point-to-point sends over ``group``
+        (:class:`~distload.transport.peer.PeerGroup`)."""
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
+        self._given_control, self._make_groups = control_group, make_groups
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
@@ -210,7 +217,7 @@ class TorchComm(Comm):
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj, group=self.group)
+        self._dist.all_gather_object(out, obj, group=self._given_control or self.group)
         return out
 
     def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
@@ -234,7 +241,10 @@ class TorchComm(Comm):
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
-        self._dist.broadcast_object_list(box, src=self._global[src], group=self.group, device=self.device)
+        if self._given_control is not None:
+            self._dist.broadcast_object_list(box, src=self._global[src], group=self._given_control)
+        else:
+            self._dist.broadcast_object_list(box, src=self._global[src], group=self.group, device=self.device)
         return box[0]
 
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
@@ -250,13 +260,23 @@ class TorchComm(Comm):
 
     @property
     def has_subgroups(self) -> bool:  # type: ignore[override]
-        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them."""
-        return self.world_size == self._dist.get_world_size()
+        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them.
+
+        Point-to-point ones (``make_groups=False``) need nothing, over any group.
+        """
+        return not self._make_groups or self.world_size == self._dist.get_world_size()
 
     def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """A process group over ``ranks``, made once per set of ranks and kept for later loads."""
+        """A process group over ``ranks``, made once per set of ranks and kept for later loads.
+
+        With ``make_groups=False``, a :class:`~distload.transport.peer.PeerGroup` instead: no group is made.
+        """
         if tuple(ranks) == tuple(range(self.world_size)):
             return self
+        if not self._make_groups:
+            from .peer import PeerGroup
+
+            return PeerGroup(self, tuple(ranks)) if self.rank in ranks else None
         from torch.distributed import distributed_c10d as c10d
 
         members = tuple(self._global[r] for r in ranks)
@@ -283,8 +303,11 @@ class TorchComm(Comm):
 
     def failed_ranks(self, failed: bool) -> list[int]:
         if self._status is None:
-            side = self.device.type == "cuda"
-            self._control = control_group(self.group, self._global, self._timeout_s) if side else self.group
+            side = self.device.type == "cuda" or self._given_control is not None
+            if self._given_control is not None:
+                self._control = self._given_control
+            else:
+                self._control = control_group(self.group, self._global, self._timeout_s) if side else self.group
             self._status = torch.zeros(self.world_size, dtype=torch.int32, device="cpu" if side else self.device)
         self._status.zero_()
         if failed:
