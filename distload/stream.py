@@ -32,11 +32,12 @@ from .errors import DistLoadError
 from .format.discover import local_root
 from .format.dtypes import plan_dtypes
 from .io.reader import open_verified
-from .loader import _Load
+from .loader import _check_read_policy, _Load
 from .model.sink import StreamSink
 from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan
 from .plan.schedule import pieces_here, schedule
 from .plan.stream_plan import Names, Wishes, digest, group_digests, names_in, stream_plan, wanted_mask
+from .storage.mounts import is_local_storage
 from .transfer.loop import Transfer
 from .transport.bootstrap import make_comm, resolve_device
 from .transport.comm import DEFAULT_TIMEOUT_S, Comm, broken_error, describe
@@ -55,6 +56,7 @@ def stream_state_dict(
     dtype: torch.dtype | None = None,
     names: Names = None,
     bucket_mb: float = DEFAULT_BUCKET_MB,
+    read_policy: str = "auto",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     process_group=None,
     comm: str = "torch",
@@ -74,6 +76,11 @@ def stream_state_dict(
             names (a name the checkpoint lacks is an error), or a predicate on
             names. It may differ between ranks: each rank receives only what it
             asked for, and each file is still read once.
+        read_policy: who reads a tensor that one rank alone wants: its file's
+            owner, which sends it (``"scatter"``), that rank itself
+            (``"slice"``), or ``"auto"`` (default: the rank itself on local
+            disks for tensors of at least 1 MiB). Every byte is read once
+            in every policy.
 
     Memory is bounded by the transfer buckets (``bucket_mb``) and the largest
     tensor, not by the model. **A yielded tensor may be a view into a bucket
@@ -87,10 +94,11 @@ def stream_state_dict(
             for name, tensor in tensors:
                 params[name].copy_(tensor)
     """
+    _check_read_policy(read_policy)
     dev = resolve_device(device)
     transport = make_comm(dev, process_group, timeout_s, comm)
-    return TensorStream(transport, dev, path, dtype=dtype, names=names, bucket_mb=bucket_mb, io_threads=io_threads,
-                        revision=revision)
+    return TensorStream(transport, dev, path, dtype=dtype, names=names, bucket_mb=bucket_mb, read_policy=read_policy,
+                        io_threads=io_threads, revision=revision)
 
 
 class TensorStream:
@@ -104,11 +112,12 @@ class TensorStream:
     """
 
     def __init__(self, comm: Comm, device: torch.device, path, *, dtype: torch.dtype | None = None,
-                 names: Names = None, bucket_mb: float = DEFAULT_BUCKET_MB, io_threads: int | None = None,
-                 revision: str | None = None):
+                 names: Names = None, bucket_mb: float = DEFAULT_BUCKET_MB, read_policy: str = "auto",
+                 io_threads: int | None = None, revision: str | None = None):
+        _check_read_policy(read_policy)
         # The generator refers to the state, never to this handle, so dropping the handle
         # (a ``break`` out of a for loop) closes the stream at once instead of at a later GC.
-        self._state = _Stream(comm, device, path, dtype, names, bucket_mb, io_threads, revision)
+        self._state = _Stream(comm, device, path, dtype, names, bucket_mb, read_policy, io_threads, revision)
         self._gen: Iterator[tuple[str, torch.Tensor]] | None = None
 
     @property
@@ -158,7 +167,7 @@ class _Stream:
     """One rank's stream state; ``__init__`` and ``run`` are collective."""
 
     def __init__(self, comm: Comm, device: torch.device, path, dtype: torch.dtype | None, names: Names,
-                 bucket_mb: float, io_threads: int | None, revision: str | None):
+                 bucket_mb: float, read_policy: str, io_threads: int | None, revision: str | None):
         self.comm, self.device = comm, device
         self.bytes_read = 0
         self.fds: dict[int, int] = {}
@@ -171,7 +180,7 @@ class _Stream:
             base = job.make_plan()
             self.path, self.io_threads, self.ranks_here = job.path, job.io_threads, job.ranks_here
             self.phase = "select"
-            self.plan, mask = self._select(base, names)
+            self.plan, mask = self._select(base, names, read_policy)
             self.names = names_in(base.files, mask)
             self.phase = "open"
             self._open(dtype)
@@ -186,24 +195,28 @@ class _Stream:
 
     # ---- setup (all ranks, collective) ----------------------------------------------
 
-    def _select(self, base: LoadPlan, names: Names) -> tuple[LoadPlan, bytes | None]:
-        """(all ranks) Agree on who wants what, exchanging each distinct wish once; derive the stream's plan."""
+    def _select(self, base: LoadPlan, names: Names, read_policy: str) -> tuple[LoadPlan, bytes | None]:
+        """(all ranks) Agree on who wants what, exchanging each distinct wish once; derive the stream's plan.
+
+        Rank 0's view of the storage decides ``auto`` for every rank, so all derive the same plan.
+        """
         mask: bytes | None = None
 
-        def mine() -> str:
+        def mine() -> tuple[str, bool | None]:
             nonlocal mask
             mask = wanted_mask(base.files, names)
-            return digest(mask)
+            return digest(mask), is_local_storage(base.root) if self.comm.rank == 0 else None
 
-        digests = self.comm.gather_or_raise("select", mine)
-        distinct, which, first = group_digests(digests)
+        gathered = self.comm.gather_or_raise("select", mine)
+        local = bool(gathered[0][1])
+        distinct, which, first = group_digests([g[0] for g in gathered])
         if len(distinct) == 1:
             wishes = Wishes((mask,), which)
         else:
             me = self.comm.rank
             sent = self.comm.gather_or_raise("select", lambda: mask if first[which[me]] == me else None)
             wishes = Wishes(tuple(sent[r] for r in first), which)
-        return stream_plan(base, wishes), mask
+        return stream_plan(base, wishes, read_policy, local), mask
 
     def _open(self, dtype: torch.dtype | None) -> None:
         """(all ranks) Open this rank's files, make the sink; agree that every rank could."""

@@ -10,8 +10,9 @@ rank derives the same plan (:func:`stream_plan`):
 - a tensor every rank wants is broadcast, as in a load (``LoadPlan.moved``);
 - a tensor only some ranks want is laid out as replicated over exactly those
   ranks (:func:`held_by`), so the transfer loop scatters one whole copy to
-  each of them and none to the others; the file's owner reads it itself when
-  it is the only one to want it (a slice read, no collective);
+  each of them and none to the others; a tensor one rank alone wants is read
+  by that rank itself when it owns the file or ``read_policy`` says so (a
+  slice read, no collective);
 - a tensor nobody wants is never read.
 
 Each file is still read once, by its owner. When the ranks want different
@@ -106,10 +107,16 @@ def held_by(shape: tuple[int, ...], ranks: tuple[int, ...], world_size: int) -> 
     return layout_of(tuple(shape) or (1,), mesh, world_size)
 
 
-def stream_plan(plan: LoadPlan, wishes: Wishes) -> LoadPlan:
+def stream_plan(plan: LoadPlan, wishes: Wishes, read_policy: str = "scatter",
+                local_storage: bool = False) -> LoadPlan:
     """(every rank alike) The plan that moves each tensor to exactly the ranks that want it.
 
     ``plan`` is the load plan of the whole checkpoint. See the module doc.
+    ``read_policy`` (with ``local_storage``, which must be the same on every
+    rank) decides who reads a tensor that one rank alone wants: its file's
+    owner, which sends it over (``scatter``), or that rank itself (``slice``;
+    ``auto``: on local storage, for tensors of at least 1 MiB). A tensor
+    several ranks want is always read once and scattered.
     """
     world = plan.world_size
     if wishes.uniform:  # every rank wants the same: a load of those tensors, files placed as planned
@@ -142,7 +149,7 @@ def stream_plan(plan: LoadPlan, wishes: Wishes) -> LoadPlan:
             elif gs:
                 layouts[t.name] = held_by(t.shape, holders[gs], world)
     sharded = build_shard_plan(plan.files, owners, layouts, world_size=world, bucket_bytes=plan.bucket_bytes,
-                               read_policy="scatter", local_storage=False) if layouts else None
+                               read_policy=read_policy, local_storage=local_storage) if layouts else None
     return LoadPlan(plan.root, world, plan.files, owners, plan.bucket_bytes, plan.ranks, plan.missing_in_files,
                     plan.warnings, moved=tensor_mask(plan.files, broadcast), sharded=sharded)
 
