@@ -50,6 +50,10 @@ def _child_all(rank, world, path, bucket_mb, dtype=None):
     return out, order, tensors.bytes_read
 
 
+def _child_raw(rank, world, path, dtype):
+    return {n: (str(t.dtype), _raw(t)) for n, t in distload.stream_state_dict(path, dtype=dtype)}
+
+
 def _child_names(rank, world, path, wanted):
     mine = wanted[rank]
     names = (lambda n: n in mine) if rank % 2 else sorted(mine)  # a predicate on odd ranks, a list on even
@@ -270,3 +274,16 @@ def test_names_the_checkpoint_lacks_are_refused_by_name(tmp_path):
         wanted_mask(base.files, ["ids", "nope"])
     with pytest.raises(distload.DistLoadError, match="not the string"):
         wanted_mask(base.files, "ids")
+
+
+def test_fp8_weights_and_their_scales_pass_through_unchanged(tmp_path):
+    ckpt = tmp_path / "fp8"
+    ckpt.mkdir()
+    g = torch.Generator().manual_seed(3)
+    tensors = {"layer.weight": torch.randn(64, 32, generator=g).to(torch.float8_e4m3fn),
+               "layer.weight_scale": torch.rand(64, 1, generator=g), "norm.weight": torch.randn(32, generator=g)}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    got, = run_world(_child_raw, 1, ckpt, torch.bfloat16)
+    assert got["layer.weight"] == (str(torch.float8_e4m3fn), _raw(tensors["layer.weight"]))
+    assert got["layer.weight_scale"] == (str(torch.float32), _raw(tensors["layer.weight_scale"]))  # kept as stored
+    assert got["norm.weight"] == (str(torch.bfloat16), _raw(tensors["norm.weight"].to(torch.bfloat16)))

@@ -27,6 +27,9 @@ these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
 names and key conversions stay behind those two calls; the transport never
 sees the placement and the placement never sees the transport.
+A stream (:mod:`distload.stream`) walks the same schedule with
+:meth:`Transfer.walk` ``(pause=True)``, which stops after each step so a
+consumer can take what landed before its buffers are reused.
 
 Note on memory (every rank, beyond its destination tensors; B = one bucket,
 or the largest scatter chunk or segment when bigger):
@@ -232,36 +235,34 @@ class Transfer:
                 self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
                                           self.slice, slice_target, io_threads=self.slice_threads)
             for step in self.steps:
-                self._held = []
-                try:
-                    if step.kind == SLICE:
-                        if step.item.owner == rank and error is None:
-                            try:
-                                self._slice(step.item)
-                            except Exception as e:
-                                error = e
-                    else:
-                        move = self._broadcast if step.kind == BROADCAST else self._scatter
-                        error = move(step.item, error)
-                    if self.progress is not None:
-                        self.progress.update(counter.step(step))
-                    if pause and error is None:
-                        if self.stage is not None:
-                            self.stage.hand_over()
+                self._release()  # the previous step's buffers: its consumer, if any, has moved on
+                if step.kind == SLICE:
+                    if step.item.owner == rank and error is None:
                         try:
-                            yield step
-                        except (Exception, GeneratorExit) as e:  # the consumer stopped: fail at the next exchange
+                            self._slice(step.item)
+                        except Exception as e:
                             error = e
-                        finally:
-                            if self.stage is not None:
-                                self.stage.take_back()
-                finally:
-                    for pool, b in self._held:
-                        pool.release(b)
+                else:
+                    move = self._broadcast if step.kind == BROADCAST else self._scatter
+                    error = move(step.item, error)
+                if self.progress is not None:
+                    self.progress.update(counter.step(step))
+                if pause and error is None:
+                    if self.stage is not None:
+                        self.stage.hand_over()
+                    try:
+                        yield step
+                    except (Exception, GeneratorExit) as e:  # the consumer stopped: fail at the next exchange
+                        error = e
+                    finally:
+                        if self.stage is not None:
+                            self.stage.take_back()
+            self._release()
             if self.progress is not None:
                 self.progress.update(counter.rest())
             comm.agree("transfer", error)
         finally:
+            self._release()
             if self.stage is not None:  # the caller's stream waits for every queued copy and collective
                 self.stage.close()
             readers = [r for r in (self.slicer, self.reader) if r is not None]
@@ -273,6 +274,12 @@ class Transfer:
             self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in pools}.values()) + (
                 self.stage.allocated_bytes if self.stage is not None else 0)
             self.bytes_read = sum(r.bytes_read for r in readers)
+
+    def _release(self) -> None:
+        """Return the pooled buffers the last step held (kept while a paused consumer reads them)."""
+        for pool, b in self._held:
+            pool.release(b)
+        self._held = []
 
     def _on_device_queue(self):
         """The collective and unpacking of one step: on CUDA on the stage's comm stream, after its copy."""
