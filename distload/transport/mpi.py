@@ -132,6 +132,16 @@ def _waiter() -> _Waiter:
     return _WAITER
 
 
+class _AllOf:
+    """Several requests waited on as one (``MPI_Waitall``), so one deadline and one held job cover them all."""
+
+    def __init__(self, MPI: Any, requests: list):
+        self._MPI, self._requests = MPI, requests
+
+    def Wait(self) -> None:
+        self._MPI.Request.Waitall(self._requests)
+
+
 class MpiComm(Comm):
     """mpi4py over one communicator (default ``COMM_WORLD``). Every method is collective.
 
@@ -207,7 +217,9 @@ class MpiComm(Comm):
         self._wait(request, "scatter", buf, send)
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
-        """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), waited with the deadline."""
+        """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), all waited on together
+        with one deadline. Every buffer stays referenced until every request completes, even after a
+        timeout (see the module note): a late peer may still write into a receive buffer."""
         requests = []
         for items, post in ((sends, self._comm.Isend), (recvs, self._comm.Irecv)):
             for buf, peer in items:
@@ -215,8 +227,9 @@ class MpiComm(Comm):
                 for off in range(0, len(view), _MAX_BYTES):
                     part = view[off : off + _MAX_BYTES]
                     requests.append(post([part, len(part), self._MPI.BYTE], peer, tag=_P2P_TAG))
-        for request in requests:
-            self._wait(request, "point-to-point transfer")
+        if requests:
+            self._wait(_AllOf(self._MPI, requests), "point-to-point transfer",
+                       *(buf for buf, _ in sends), *(buf for buf, _ in recvs))
 
     def failed_ranks(self, failed: bool) -> list[int]:
         status = torch.zeros(self.world_size, dtype=torch.int32)
