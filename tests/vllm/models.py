@@ -12,12 +12,16 @@ _COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_
 
 
 def write(kind: str, out: Path, shard: str = "300KB") -> Path:
-    """``kind``: ``llama`` (tied embeddings), ``qwen2`` (untied, q/k/v biases) or ``qwen3_moe`` (per-expert keys)."""
+    """``kind``: ``llama`` (tied embeddings), ``qwen2`` (untied, q/k/v biases), ``qwen3_moe`` (per-expert keys),
+    or ``llama_12mb`` (a wider Llama, where the headers' reads are well under 1% of the bytes)."""
     import transformers as tf
 
     torch.manual_seed(0)
     if kind == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON, tie_word_embeddings=True))
+    elif kind == "llama_12mb":
+        cfg = {**_COMMON, "hidden_size": 256, "intermediate_size": 1024, "head_dim": 64, "vocab_size": 8192}
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg, tie_word_embeddings=True))
     elif kind == "qwen2":
         cfg = dict(_COMMON)
         cfg.pop("head_dim")

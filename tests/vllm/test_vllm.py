@@ -84,19 +84,21 @@ def test_pipeline_stages_receive_only_their_layers(ckpts):
 
 
 @pytest.mark.skipif(netfs.fuse_unavailable() is not None, reason=f"FUSE unavailable: {netfs.fuse_unavailable()}")
-def test_each_byte_is_pulled_once_where_vllm_pulls_it_once_per_worker(ckpts, tmp_path):
-    src = ckpts["llama"]
+def test_each_byte_is_pulled_once_where_vllm_pulls_it_once_per_worker(tmp_path):
+    src = write("llama_12mb", tmp_path / "ckpt", shard="3MB")
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    pulled = {}
+    pulled, got = {}, {}
     for fmt in ("auto", "distload"):
         with netfs.mounted(src, tmp_path / f"mnt-{fmt}", views=2, rate=0) as fs:
             env = {"DISTLOAD_HOST_VIEWS": str(fs.mnt / "node{rank}")}
-            got = tokens({"model": str(src), "tp": 2, "load_format": fmt,
-                          "worker_cls": "benchmarks.vllm_views.HostViewWorker"}, env)
-            assert got == default_tokens(ckpts, "llama", 2)
+            got[fmt] = tokens({"model": str(src), "tp": 2, "load_format": fmt,
+                               "worker_cls": "benchmarks.vllm_views.HostViewWorker"}, env)
             pulled[fmt] = fs.served() / size
-    assert 1.0 <= pulled["distload"] < 1.02, pulled
-    assert pulled["auto"] >= 1.9, pulled
+    print(f"bytes pulled at TP 2, x the checkpoint: {pulled}")
+    assert got["distload"] == got["auto"]
+    assert 1.0 <= pulled["distload"] < 1.01, pulled  # each byte once; the rest is headers, read for planning
+    # every worker maps every file; it faults in only its own rows of a row-split tensor (1.82x measured)
+    assert pulled["auto"] >= 1.6, pulled
 
 
 def test_a_repo_id_in_the_local_hub_cache_loads(ckpts, tmp_path):
