@@ -143,7 +143,8 @@ class DistloadModelLoader(BaseModelLoader):
 def _source(model_config: ModelConfig) -> tuple[str, str | None]:
     """The checkpoint path (or repo id) vLLM was given, and the revision when it is a repo id."""
     path = getattr(model_config, "model_weights", None) or model_config.model
-    return path, None if Path(path).exists() else model_config.revision  # a repo id: the local Hub cache
+    repo_id = "://" not in path and not Path(path).exists()  # looked up in the local Hub cache at the revision
+    return path, model_config.revision if repo_id else None
 
 
 def _device_of(model: nn.Module) -> torch.device:
