@@ -177,3 +177,27 @@ def test_a_worker_that_dies_mid_load_fails_startup_without_a_hang(ckpts, tmp_pat
     assert proc.returncode != 0 and "RESULT" not in out
     assert took < 120, f"start-up took {took:.0f} s to fail after a worker died"
     assert "distload: transfer failed on rank 0" in out or "died" in out.lower(), out[-6000:]
+
+
+def test_options_are_checked_by_name_and_type():
+    from distload.integrations.vllm import check_options
+
+    assert check_options({"bucket_mb": 128, "io_threads": 4, "read_policy": "scatter"}) == {
+        "bucket_mb": 128.0, "io_threads": 4, "read_policy": "scatter"}
+    assert check_options(None) == {"bucket_mb": 64.0, "io_threads": None, "read_policy": "auto"}
+    for bad, what in [({"bucket_mb": 0}, "bucket_mb"), ({"io_threads": True}, "io_threads"),
+                      ({"read_policy": "fast"}, "read_policy"), ({"buckets": 1}, "unexpected")]:
+        with pytest.raises(ValueError, match=what):
+            check_options(bad)
+
+
+def test_registering_twice_changes_nothing():
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    from distload.integrations.vllm import DistloadModelLoader, register
+
+    register()
+    register()
+    loader = get_model_loader(LoadConfig(load_format="distload", model_loader_extra_config={"bucket_mb": 8}))
+    assert isinstance(loader, DistloadModelLoader) and loader.options["bucket_mb"] == 8.0
