@@ -47,7 +47,7 @@ venv-vllm: $(VLLM_VENV)/.installed
 
 # Real vLLM engines (tiny models, TP 1 and 2) loading with distload and with vLLM's own loader.
 test-vllm: venv-vllm
-	$(VBIN)/python -m pytest tests/vllm -q
+	$(VBIN)/python -m pytest tests/vllm_engine -q
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(DEMO) .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed in this environment: run make test-vllm")
+pytest.importorskip("vllm.model_executor", reason="vLLM is not installed in this environment: run make test-vllm")
 
 from models import write  # noqa: E402
 

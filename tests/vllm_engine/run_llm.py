@@ -2,7 +2,7 @@
 
 Run as a script (vLLM's workers re-import ``__main__``, hence the guard):
 
-    python tests/vllm/run_llm.py '{"model": "/ckpt", "load_format": "distload", "tp": 2}'
+    python tests/vllm_engine/run_llm.py '{"model": "/ckpt", "load_format": "distload", "tp": 2}'
 
 Keys: ``model``, ``load_format``, ``tp``, ``pp``, ``extra`` (model_loader_extra_config),
 ``prompts`` (lists of token ids), ``max_tokens``, ``dtype``, ``worker_cls``.
