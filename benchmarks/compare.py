@@ -137,9 +137,10 @@ def summarize(runs: list[dict], ckpt_bytes: int, rate: float) -> list[dict]:
     rows = []
     for (cfg_items, loader), rs in groups.items():
         cfg = dict(cfg_items)
-        ok = [r for r in rs if not r.get("error")]
+        ok = [r for r in rs if not r.get("error") and not r.get("skipped")]
         row = {**cfg, "loader": loader, "runs": len(rs), "ok": len(ok),
-               "error": next((r["error"] for r in rs if r.get("error")), None)}
+               "error": next((r["error"] for r in rs if r.get("error")), None),
+               "skipped": next((r["skipped"] for r in rs if r.get("skipped")), None)}
         if ok:
             secs = [r["seconds"] for r in ok]
             med = statistics.median(secs)
@@ -213,7 +214,8 @@ def markdown(rows: list[dict], machine: dict, ckpt_bytes: int, rate: float) -> s
         if r["mode"] == "fsdp" and r["loader"] == "transformers":
             name = "from_pretrained on every rank, then fully_shard"
         if "seconds" not in r:
-            cells = [r["fs"], str(r["world"]), r["mode"], r["cache"], name, "", f"failed: {r['error'][:80]}"]
+            why = f"skipped: {r['skipped'][:80]}" if r.get("skipped") else f"failed: {(r['error'] or '?')[:80]}"
+            cells = [r["fs"], str(r["world"]), r["mode"], r["cache"], name, "", why]
             cells += [""] * (len(head) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
             continue
@@ -386,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                                   io_threads=args.io_threads)
                     row["round"] = rep
                     runs.append(row)
-                    status = f"{row['seconds']:.2f} s" if not row.get("error") else f"FAILED: {row['error'][:120]}"
+                    status = (f"skipped: {row['skipped']}" if row.get("skipped") else
+                              f"{row['seconds']:.2f} s" if not row.get("error") else f"FAILED: {row['error'][:120]}")
                     extra = f", pulled {row['storage_bytes'] / ckpt_bytes:.2f}x" if "storage_bytes" in row else ""
                     extra += f", cpu {row['cpu_s']:.1f} s" if "cpu_s" in row else ""
                     print(f"[{cfg.label}] round {rep + 1}/{repeat} {name:<16} {status}{extra}", flush=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,12 +102,36 @@ def alloc_empty(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def hf_dtype_kw() -> str:
+    """The name transformers gives a model's dtype (``from_pretrained`` keyword, config attribute).
+
+    ``dtype`` from 4.56; before, ``torch_dtype``, and an unknown ``dtype=`` is
+    silently ignored there (the model then loads in float32).
+    """
+    import transformers
+
+    release = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if release >= (4, 56) else "torch_dtype"
+
+
 class Loader:
     """One way of loading; ``owned`` says whether it returns its own memory or page-cache views."""
 
     name = ""
     modes: tuple[str, ...] = ("replicated", "fsdp")
     extra = False  # run only when a config names it (world 1, CUDA, --loaders), not by default
+    requires: tuple[str, ...] = ()  # modules it imports: a machine without one skips it
+
+    def missing(self) -> str | None:
+        """Why this machine cannot run the loader (a peer's package is not installed), or None."""
+        for mod in self.requires:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                return f"{mod} is not installed"
+        return None
 
     def prepare(self, ctx: Ctx) -> Any:
         """(untimed) Everything a user would have before calling the loader."""
@@ -143,12 +169,14 @@ class Transformers(Loader):
     """``from_pretrained`` on every rank; in fsdp mode, then ``fully_shard`` (load everything, then shard)."""
 
     name = "transformers"
+    requires = ("transformers",)
 
     def load(self, ctx: Ctx, state: Any) -> nn.Module:
         from transformers import LlamaForCausalLM
 
         kw = {"device_map": str(ctx.device)} if ctx.device.type == "cuda" else {}
-        model = LlamaForCausalLM.from_pretrained(ctx.path, dtype=torch.bfloat16, **kw)
+        kw[hf_dtype_kw()] = torch.bfloat16
+        model = LlamaForCausalLM.from_pretrained(ctx.path, **kw)
         return shard(model, ctx) if ctx.mode == "fsdp" else model
 
 
@@ -157,6 +185,7 @@ class Accelerate(Loader):
 
     name = "accelerate"
     modes = ("replicated",)
+    requires = ("accelerate",)
 
     def prepare(self, ctx: Ctx) -> nn.Module:
         return meta_model(ctx, "accelerate")
@@ -172,6 +201,13 @@ class DCP(Loader):
     """torch DCP ``dcp.load`` with ``HuggingFaceStorageReader`` into the (sharded) model."""
 
     name = "dcp"
+
+    def missing(self) -> str | None:
+        import torch.distributed.checkpoint as dcp
+
+        if not hasattr(dcp, "HuggingFaceStorageReader"):
+            return f"torch {torch.__version__} has no HuggingFaceStorageReader"
+        return None
 
     def prepare(self, ctx: Ctx) -> nn.Module:
         model = meta_model(ctx)
@@ -190,6 +226,7 @@ class FastSafetensors(Loader):
     """fastsafetensors: files split over ranks, then ``get_tensor`` (broadcast) or ``get_sharded`` (scatter)."""
 
     name = "fastsafetensors"
+    requires = ("fastsafetensors",)
 
     def prepare(self, ctx: Ctx) -> nn.Module:
         model = meta_model(ctx)

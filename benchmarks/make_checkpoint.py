@@ -32,6 +32,8 @@ def make_checkpoint(out: Path, preset: str = "demo", seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .loaders import hf_dtype_kw
+
     out = Path(out)
     stamp = out / ".preset"
     if stamp.is_file() and stamp.read_text() == preset and (out / "config.json").is_file():
@@ -51,7 +53,7 @@ def make_checkpoint(out: Path, preset: str = "demo", seed: int = 0) -> Path:
         model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    model.config.dtype = torch_dtype
+    setattr(model.config, hf_dtype_kw(), torch_dtype)
     model.save_pretrained(out, max_shard_size=shard)
     stamp.write_text(preset)
     return out
@@ -71,6 +73,8 @@ def _write_tiled(out: Path, cfg, dtype, shard_bytes: int, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
+
+    from .loaders import hf_dtype_kw
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -103,7 +107,7 @@ def _write_tiled(out: Path, cfg, dtype, shard_bytes: int, seed: int) -> None:
         del tensors
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg.dtype = dtype
+    setattr(cfg, hf_dtype_kw(), dtype)
     cfg.save_pretrained(out)
 
 

@@ -50,6 +50,11 @@ def measure(args: argparse.Namespace) -> dict:
 
         ctx.mesh = init_device_mesh(device.type, (world,))
     loader = LOADERS[args.loader]
+    reason = loader.missing()
+    if reason is not None:  # a peer this machine lacks: a skipped row, not a failure
+        dist.destroy_process_group()
+        return {"loader": args.loader, "mode": args.mode, "world": world, "device": str(device),
+                "skipped": reason} if rank == 0 else {}
     error = None
     row: dict = {"rank": rank}
     same_state = None

@@ -30,6 +30,7 @@ from .format.discover import local_root, resolve_checkpoint
 from .format.dtypes import check_converted, plan_dtypes
 from .format.header import read_checkpoint
 from .io.reader import check_io_threads, open_verified
+from .io.stage import release_pinned, wait_for_device
 from .model.convert import KeyedPlacement, Region, keyed_placement
 from .model.dtensor import (
     has_dtensors,
@@ -290,6 +291,8 @@ class _Load:
             finally:
                 if bar is not None:
                     bar.close()
+            if self.device.type == "cuda":  # the seconds cover bytes in place, not just queued
+                wait_for_device(self.device, self.comm.wait_s)
             seconds = time.perf_counter() - t0
             self.phase = "finish"
             # The report travels in the one gather this phase needs.
@@ -314,6 +317,8 @@ class _Load:
                 self.state_dict = {}
                 if placement is not None:
                     placement.restore()
+            if self.device.type == "cuda":
+                release_pinned()
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""

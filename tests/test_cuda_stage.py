@@ -1,9 +1,17 @@
-"""The CUDA data path: pinned staging, copy stream, comm stream and events (skipped without CUDA).
+"""The CUDA data path, on a real GPU (skipped without CUDA); ``benchmarks/gpu_check.sh`` runs it.
 
-Ordering is checked the hard way: ``torch.cuda._sleep`` makes each copy and
-each collective lag behind the host, so a staging buffer recycled before its
-copy finished, or a device bucket refilled before its collective and
-unpacking finished, would corrupt the bytes the test compares.
+- Pinned staging, copy stream, comm stream and events. Ordering is checked the
+  hard way: ``torch.cuda._sleep`` makes each copy and each collective lag
+  behind the host, so a staging buffer recycled before its copy finished, or a
+  device bucket refilled before its collective and unpacking finished, would
+  corrupt the bytes the test compares.
+- The real torch.distributed path on one GPU: a one-rank NCCL group with
+  ``DISTLOAD_WORLD1_COLLECTIVES=1`` (``tests/world1.py``): replicated, FSDP2
+  scatter and slice (with and without a cast), an injected read error.
+- Pinned memory given back, the report's clock after the device, reader
+  threads on the rank's GPU.
+- With two GPUs: a 2-rank ``torchrun`` job (``tests/cuda_worker.py``) on the
+  caller's own NCCL group, and a hung peer.
 """
 
 from __future__ import annotations
@@ -184,3 +192,172 @@ def test_a_read_error_on_the_cuda_path_raises_the_agreed_error_and_leaves_no_thr
     assert ".safetensors bytes" in str(info.value) and isinstance(info.value.__cause__, OSError)
     torch.cuda.synchronize()
     assert _threads() == []
+
+
+# ---- the real torch.distributed path on one GPU: a one-rank NCCL group (tests/world1.py) ----------
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def llama(tmp_path: Path) -> Path:
+    from ckpt import write_llama
+
+    return write_llama(tmp_path / "llama")
+
+
+def _spy_transport(monkeypatch) -> dict[str, list]:
+    """Record the kind of every status exchange the loop posts and the backend of every control message."""
+    import torch.distributed as dist
+
+    from distload.transport.comm import TorchComm
+
+    seen: dict[str, list] = {"statuses": [], "control": []}
+    post, ctl = TorchComm.post_status, TorchComm._ctl
+
+    def post_status(self, failed):
+        status = post(self, failed)
+        seen["statuses"].append(type(status).__name__)
+        return status
+
+    def control(self):
+        group = ctl(self)
+        seen["control"].append(dist.get_backend(group))
+        return group
+
+    monkeypatch.setattr(TorchComm, "post_status", post_status)
+    monkeypatch.setattr(TorchComm, "_ctl", control)
+    return seen
+
+
+def test_world1_nccl_replicated_load_matches_from_pretrained_through_nccl_and_the_side_group(llama, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from world1 import full_state, reference, world1_group
+
+    seen = _spy_transport(monkeypatch)
+    with world1_group("nccl", CUDA0):
+        with distload.empty_init():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama))
+        report = distload.load_checkpoint(model, llama, device="cuda", bucket_mb=0.01)
+        got = full_state(model)
+    assert report.device == "cuda:0" and report.chunks > 16
+    assert seen["statuses"] and set(seen["statuses"]) == {"_OnDevice"}, "statuses ride the GPU stream"
+    assert seen["control"] and set(seen["control"]) == {"gloo"}, "plans and reports travel over gloo"
+    for k, want in reference(llama).items():
+        assert torch.equal(got[k], want), k
+    assert _threads() == []
+
+
+@pytest.mark.parametrize("policy", ["scatter", "slice"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_world1_nccl_fsdp2_load_scatters_or_slices_and_matches_from_pretrained(llama, monkeypatch, policy, dtype):
+    from world1 import force_sharded, fsdp_llama, full_state, reference, world1_group
+
+    force_sharded(monkeypatch, policy)
+    with world1_group("nccl", CUDA0):
+        model = fsdp_llama(llama, CUDA0)
+        report = distload.load_checkpoint(model, llama, device="cuda", bucket_mb=0.01, read_policy=policy,
+                                          dtype=dtype)
+        got = full_state(model)
+    assert set(report.read_policy.values()) == {policy}
+    for k, want in reference(llama, dtype).items():
+        assert torch.equal(got[k], want), k
+
+
+def test_world1_nccl_read_error_is_the_agreed_error_and_leaves_the_gpu_usable(llama, monkeypatch):
+    from world1 import world1_group
+
+    real, calls = distload.io.reader.read_exact, [0]
+
+    def failing(fd, buf, offset, name):
+        calls[0] += 1
+        if calls[0] == 30:  # past the first status window: the failed rank takes part with stand-ins
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(fd, buf, offset, name)
+
+    monkeypatch.setattr(distload.io.reader, "read_exact", failing)
+    with world1_group("nccl", CUDA0):
+        with pytest.raises(distload.DistLoadError, match="injected") as info:
+            distload.load_state_dict(llama, device="cuda", bucket_mb=0.01, io_threads=1)
+        torch.cuda.synchronize()
+        again = distload.load_state_dict(llama, device="cuda", bucket_mb=0.01)  # the group still works
+    assert info.value.phase == "transfer" and list(info.value.failures) == [0]
+    assert all(torch.equal(again[k].cpu(), v) for k, v in read_all(llama).items())
+    assert _threads() == []
+
+
+def test_a_cuda_load_gives_its_pinned_memory_back_and_times_the_device(ckpt, monkeypatch):
+    import distload.loader
+
+    waits = []
+    real = distload.loader.wait_for_device
+    monkeypatch.setattr(distload.loader, "wait_for_device", lambda dev, s: waits.append(dev) or real(dev, s))
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip(f"torch {torch.__version__} has no host_memory_stats")
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    distload.load_state_dict(ckpt, device="cuda", bucket_mb=1)
+    after = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    assert waits == [torch.device("cuda", 0)], "the report's clock stops after the device finished"
+    assert after <= before, f"{after - before} pinned bytes still held after the load"
+
+
+def test_reader_threads_make_the_ranks_gpu_current(ckpt, monkeypatch):
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    seen = set()
+    real = torch.cuda.set_device
+
+    def set_device(d):
+        if threading.current_thread().name.startswith("distload-"):
+            seen.add(torch.device(d))
+        return real(d)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    got = distload.load_state_dict(ckpt, device=dev, bucket_mb=0.05, io_threads=4)
+    assert seen == {dev} and all(t.device == dev for t in got.values())
+
+
+# ---- two GPUs: a real 2-rank torchrun job --------------------------------------------------------
+
+def _torchrun(tmp_path: Path, ckpt: Path, case: str, timeout: float, ranks=(0, 1)) -> list[dict]:
+    import json
+    import subprocess
+
+    from launch_env import clean_env, free_port, venv_tool
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    torchrun = venv_tool("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / f"out_{case}"
+    out.mkdir()
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__).parent / "cuda_worker.py"), str(out), str(ckpt), case]
+    proc = subprocess.run(cmd, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+    results = []
+    for r in ranks:
+        path = out / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def test_two_ranks_on_two_gpus_load_bit_for_bit_on_their_own_gpus(tmp_path, llama):
+    results = _torchrun(tmp_path, llama, "loads", timeout=300)
+    for r, res in enumerate(results):
+        assert "traceback" not in res, res
+        assert res["device"] == f"cuda:{r}" and res["current_device"] == r, res
+        for case in ("replicated", "fsdp_scatter", "fsdp_slice", "fsdp_auto"):
+            assert res[case] == [], (r, case, res[case])
+
+
+def test_a_hung_peer_fails_the_other_gpu_rank_with_distloads_error_inside_nccls_timeout(tmp_path, llama):
+    from cuda_worker import NCCL_TIMEOUT_S
+
+    rank0 = _torchrun(tmp_path, llama, "hang", timeout=300, ranks=(0,))[0]  # rank 1 is the one that hangs
+    # Rank 0 lived to write this: distload gave up (0.8 x NCCL's timeout after its last status) and
+    # aborted the group before NCCL's watchdog would have torn the process down.
+    assert rank0["kind"] == "DistLoadError", rank0
+    assert rank0["seconds"] < NCCL_TIMEOUT_S + 10 and rank0["synced"], rank0
+    assert "rank(s) 1" in rank0["message"] or "did not" in rank0["message"], rank0

@@ -69,18 +69,26 @@ def _read_fails_on(rank: int, world: int, path: str, bad_rank: int) -> dict:
     import distload.transport.comm
     import distload.io.reader
 
-    counts = {"broadcasts": 0, "statuses": 0, "failed_at": None}
-    real_broadcast, real_status = distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.failed_ranks
+    import torch.distributed as dist
+
+    counts = {"broadcasts": 0, "statuses": 0, "failed_at": None, "reduced_sizes": set()}
+    real_broadcast, real_status = distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.post_status
+    real_reduce = dist.all_reduce
 
     def broadcast_(self, buf, src):
         counts["broadcasts"] += 1
         return real_broadcast(self, buf, src)
 
-    def failed_ranks(self, failed):
+    def post_status(self, failed):
         counts["statuses"] += 1
         return real_status(self, failed)
 
-    distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.failed_ranks = broadcast_, failed_ranks
+    def all_reduce(tensor, *args, **kwargs):  # every agreement: one scalar, whatever the world size
+        counts["reduced_sizes"].add(tensor.numel())
+        return real_reduce(tensor, *args, **kwargs)
+
+    distload.transport.comm.TorchComm.broadcast_, distload.transport.comm.TorchComm.post_status = broadcast_, post_status
+    dist.all_reduce = all_reduce
     if rank == bad_rank:
         real, calls = distload.io.reader.read_exact, [0]
 
@@ -125,6 +133,7 @@ def test_a_read_error_on_one_rank_fails_every_rank_naming_it(sized, world, bad_r
     assert len({rec["broadcasts"] for rec in results}) == 1, [rec["broadcasts"] for rec in results]
     assert bad["failed_at"] is not None and bad["broadcasts"] - bad["failed_at"] <= AGREE_EVERY + READ_AHEAD
     assert bad["statuses"] < bad["broadcasts"], "status exchanges are batched on CPU"
+    assert all(rec["reduced_sizes"] == {1} for rec in results), "an agreement all-reduces one scalar"
 
 
 def _placement_fails_on_last(rank: int, world: int, path: str) -> dict:

@@ -25,7 +25,7 @@ def _child_peer(rank, world):
     seg = torch.empty(3, dtype=torch.uint8)
     send = torch.arange(6, dtype=torch.uint8) if sub.rank == 0 else None
     sub.scatter_(seg, 0, send)
-    out = (buf.tolist(), seg.tolist(), sub.failed_ranks(rank == 2), sub.all_gather_object({"r": rank}),
+    out = (buf.tolist(), seg.tolist(), sub.any_failed(rank == 2), sub.all_gather_object({"r": rank}),
            sub.broadcast_object("hello" if sub.rank == 0 else None, 0))
     assert len(c10d._world.pg_map) == before  # no group was made
     dist.barrier()
@@ -35,8 +35,8 @@ def _child_peer(rank, world):
 def test_peer_group_collectives_run_on_its_members_only():
     r0, r1, r2 = run_world(_child_peer, 3)
     assert r1 is True
-    assert r0 == ([2] * 4, [0, 1, 2], [1], [{"r": 0}, {"r": 2}], "hello")
-    assert r2 == ([2] * 4, [3, 4, 5], [1], [{"r": 0}, {"r": 2}], "hello")
+    assert r0 == ([2] * 4, [0, 1, 2], True, [{"r": 0}, {"r": 2}], "hello")
+    assert r2 == ([2] * 4, [3, 4, 5], True, [{"r": 0}, {"r": 2}], "hello")
 
 
 def _child_stream(rank, world, path, wanted):

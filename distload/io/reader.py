@@ -197,8 +197,12 @@ class ChunkReader:
         *,
         io_threads: int | None = None,
         ahead: int = 1,
+        device: torch.device | None = None,
     ):
         self._plan, self._fds, self._pool, self._target_for = plan, fds, pool, target_for
+        # A CUDA rank's threads make its GPU current: a pinned allocation or an event query on a
+        # thread whose current device is cuda:0 creates a context there (~500 MiB) for every rank.
+        self._device = device if device is not None and device.type == "cuda" else None
         self._threads_n = check_io_threads(default_io_threads() if io_threads is None else io_threads)
         self._todo = chunks
         self._out: queue.SimpleQueue = queue.SimpleQueue()
@@ -223,9 +227,15 @@ class ChunkReader:
             self.close()
             raise
 
+    def _on_device(self) -> None:
+        """(each thread, first) Make this rank's GPU the thread's current device (CUDA state is per thread)."""
+        if self._device is not None:
+            torch.cuda.set_device(self._device)
+
     def _run(self) -> None:
         """(scheduling thread) Take each chunk's buffer and queue its sub-range reads."""
         try:
+            self._on_device()
             for chunk in self._todo:
                 self._window.acquire()
                 if self._stop.is_set() or self._failed.is_set():
@@ -252,6 +262,7 @@ class ChunkReader:
 
     def _work(self) -> None:
         """(IO thread) Read sub-ranges until told to stop."""
+        self._on_device()
         while True:
             task = self._tasks.get()
             if task is None:
@@ -269,10 +280,22 @@ class ChunkReader:
                 self._failed.set()
                 pending.finish(e)
 
-    def next(self) -> tuple[Chunk, torch.Tensor | None, bool, BaseException | None]:
-        """(owner) The next chunk in schedule order: ``(chunk, buf, pooled, error)``."""
-        pending: _Pending = self._out.get()
-        pending.done.wait()
+    def next(self, timeout_s: float | None = None) -> tuple[Chunk | None, torch.Tensor | None, bool,
+                                                            BaseException | None]:
+        """(owner) The next chunk in schedule order: ``(chunk, buf, pooled, error)``.
+
+        With ``timeout_s``, a chunk not read by then comes back as a
+        ``TimeoutError`` (the consumer stops reading after an error).
+        """
+        try:
+            pending: _Pending = self._out.get(timeout=timeout_s)
+        except queue.Empty:
+            pending = None  # type: ignore[assignment]
+        if pending is None or not pending.done.wait(timeout_s):
+            # ``timeout_s`` is not None here: without one both waits return only when done.
+            return (None if pending is None else pending.chunk), None, False, TimeoutError(
+                f"no data from this rank's reader within {timeout_s:g} s: its storage, or its copies "
+                "to the GPU, stopped making progress")
         self._window.release()
         if pending.pooled:
             self._ahead.release()

@@ -13,16 +13,19 @@ is pure and the same on every rank; each :class:`Step` has a kind:
 - ``slice``: a rank reads its own piece of a tensor; no collective.
 
 Per step, owners read (on a reader thread, ahead of the loop) and every
-rank finds where the bytes land, all inside one ``try``. A tiny status
-all-reduce before the data collective lets every rank agree that nothing
-failed, so no rank is left blocked in a collective another rank skipped.
-On CPU it runs before every :data:`AGREE_EVERY`-th collective only (each
-costs a lockstep round trip, about a millisecond on gloo): a rank whose
-step failed keeps taking part in the collectives up to the next exchange,
+rank finds where the bytes land, all inside one ``try``. A status
+all-reduce of one scalar before every :data:`AGREE_EVERY`-th data
+collective lets every rank agree that nothing failed, so no rank is left
+blocked in a collective another rank skipped: a rank whose step failed
+keeps taking part in the collectives up to the exchange that reports it,
 with a stand-in buffer reserved up front, and commits nothing; then every
-rank raises. On GPUs it runs before every collective, over a gloo side
-group, so it never waits for the device (:class:`~distload.transport.comm.TorchComm`).
-The loop asks the placement only two things: ``resolve`` (can
+rank raises. On CPU each exchange is read at once (a lockstep round trip,
+about a millisecond on gloo). On GPUs it rides the comm stream (an NCCL
+all-reduce, :meth:`~distload.transport.comm.TorchComm.post_status`) and is
+read a window later (:data:`STATUS_LAG`), so it never stalls the device
+pipeline; every host wait there is bounded by ``comm.wait_s``, and on CUDA
+a rank's own slices are spread between the collectives
+(:func:`spread_slices`) and go through the copy stage. The loop asks the placement only two things: ``resolve`` (can
 these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
 names and key conversions stay behind those two calls; the transport never
@@ -40,19 +43,22 @@ or the largest scatter chunk or segment when bigger):
       A stand-in of about B (2 B on scatter owners) is reserved but never
       touched unless this rank's step fails: then it takes part with it.
     - CUDA (:class:`~distload.io.stage.CopyStage`): 3 B of pinned host memory
-      for reads (one being copied, one waiting, one being read; +1 B for
-      slice reads); on the GPU 2 B taken in turn for staging and receiving
-      (one filled while the other is sent), plus the send buffer on scatter
-      owners. Copies run on a copy stream and collectives on a comm stream,
-      ordered by events, so reading, copying and sending overlap without a
-      host sync per step.
+      for reads and own slices (one being copied, one waiting, one being
+      read); on the GPU 2 B taken in turn for staging, receiving and casting
+      (one filled while the other is sent), which also serve as the stand-in
+      (more only when a padded scatter segment exceeds them), plus the send
+      buffer on scatter owners. Copies run on a copy stream and collectives on
+      a comm stream, ordered by events, so reading, copying and sending
+      overlap without a host sync per step.
     None of this grows with ``io_threads``: the threads share each chunk's buffer.
     :attr:`Transfer.buffer_bytes` counts what this rank's pools allocated.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -65,12 +71,16 @@ from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
 from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
 from ..plan.shard_plan import ScatterChunk
-from ..transport.comm import Comm
+from ..transport.comm import Comm, Status
 from .scatter import pack
 
-# On CPU, data collectives per status exchange. A failure is agreed at most
-# this many collectives late, which bounds the extra work, never a wait.
+# Data collectives per status exchange. A failure is agreed at most this many
+# collectives late (twice as many on CUDA), which bounds the extra work, never a wait.
 AGREE_EVERY = 16
+# Status exchanges posted before the oldest is read: 0 reads each at once (CPU: a
+# host round trip); on CUDA each is read a window later, when the GPU has long
+# finished it, so agreeing never stalls the device pipeline.
+STATUS_LAG = {"cpu": 0, "cuda": 1}
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],
@@ -86,6 +96,27 @@ def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, in
     """
     t = Transfer(comm, plan, placement, fds, progress, io_threads, ranks_here)
     return t.run(), t.collectives, t.buffer_bytes
+
+
+def spread_slices(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """(one rank) Its own slice steps spread evenly between the collectives, which keep their order.
+
+    Slices need no collective, so where they sit is this rank's choice; on
+    CUDA, spread out, their copies and casts overlap the collectives instead
+    of following them all.
+    """
+    coll = [s for s in steps if s.kind != SLICE]
+    own = [s for s in steps if s.kind == SLICE]
+    if not coll or not own:
+        return steps
+    out: list[Step] = []
+    taken = 0
+    for i, step in enumerate(coll):
+        out.append(step)
+        upto = (i + 1) * len(own) // len(coll)
+        out += own[taken:upto]
+        taken = upto
+    return tuple(out)
 
 
 class _Progress:
@@ -128,12 +159,18 @@ class Transfer:
         self.read = self.land = self.send = self.slice = None  # BufferPools, made by _pools
         self.reader = self.slicer = None  # ChunkReaders, made once the pools exist
         self.steps = schedule(plan, comm.rank)
+        on_gpu = comm.device.type == "cuda"
+        if on_gpu:  # own slices ride the copy stream while the collectives run (a per-rank order)
+            self.steps = spread_slices(self.steps)
         self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
         self.buffer_bytes = 0
-        # GPU steps are agreed one by one: a stand-in would have to be device memory.
-        self.agree_every = AGREE_EVERY if comm.device.type == "cpu" else 1
+        self.agree_every = AGREE_EVERY
+        self.status_lag = STATUS_LAG.get(comm.device.type, 0)
+        self._statuses: collections.deque[Status] = collections.deque()  # posted, not yet read
         self._seen = 0  # data collectives reached, the same count on every rank
-        self._spare: torch.Tensor | None = None  # stand-in bytes for a rank whose step failed
+        self._spare: torch.Tensor | None = None  # stand-in bytes (CPU) for a rank whose step failed
+        # On CUDA every host wait (a read, a copy, a status) is bounded: past it the load is broken.
+        self.wait_s = comm.wait_s if on_gpu else None
         self._held: list[tuple[BufferPool, torch.Tensor]] = []  # pooled buffers of the step being run
         self.bytes_read = 0  # this rank's, once the walk ended
 
@@ -159,22 +196,23 @@ class Transfer:
                 if s.kind == SCATTER and (rank in s.item.ranks or not self.comm.has_subgroups)]
         sends = [s.item.seg_bytes * self._segments(s.item) for s in mine if s.kind == SCATTER]
         slices = [s.item.nbytes for s in mine if s.kind == SLICE]
-        read_bytes = max([bucket, *reads])
-        land_bytes = max([bucket, *segs] + ([] if on_host else reads))
+        # What a rank whose step failed takes part in a collective with, until the next status exchange.
+        steps = [s for s in self.steps if s.kind != SLICE]
+        need = max([0, *(s.item.nbytes for s in steps if s.kind == BROADCAST),
+                    *(s.item.seg_bytes * (self._segments(s.item) + 1) for s in steps if s.kind == SCATTER)])
         if on_host:  # reads and receives share one pool
-            self.read = self.land = BufferPool(2, max(read_bytes, land_bytes), host)
-        else:  # reads stage through pinned buckets onto the device on a copy stream (distload.io.stage)
-            self.stage = CopyStage(device, read_bytes, land_bytes)
-            self.read, self.land = self.stage.pinned, None
-        self.send = BufferPool(1, max([0, *sends]), device)
-        self.slice = BufferPool(1, max([0, *slices]), host, pin=not on_host)
-        if self.agree_every > 1:
+            read_bytes = max([bucket, *reads])
+            self.read = self.land = BufferPool(2, max([read_bytes, bucket, *segs]), host)
+            self.slice = BufferPool(1, max([0, *slices]), host)
             # Reserved, not touched: no resident memory unless a failed step writes into it, and
             # an allocation that cannot fail later, when a failed rank must still take part.
-            steps = [s for s in self.steps if s.kind != SLICE]
-            need = max([0, *(s.item.nbytes for s in steps if s.kind == BROADCAST),
-                        *(s.item.seg_bytes * (self._segments(s.item) + 1) for s in steps if s.kind == SCATTER)])
             self._spare = torch.empty(need, dtype=torch.uint8, device=host)
+        else:  # reads and own slices stage through pinned buckets onto the device (distload.io.stage)
+            read_bytes = max([bucket, *reads, *slices])
+            self.stage = CopyStage(device, read_bytes, max([read_bytes, *segs]), stand_in_bytes=need,
+                                   wait_s=self.wait_s)
+            self.read, self.land = self.stage.pinned, None
+        self.send = BufferPool(1, max([0, *sends]), device)
 
     def _segments(self, chunk: ScatterChunk) -> int:
         return len(chunk.ranks) if self.comm.has_subgroups else self.comm.world_size
@@ -195,8 +233,9 @@ class Transfer:
         step's buffers still held (and, on CUDA, the caller's stream ordered
         after the step's collective and the next one after the caller's work),
         so a consumer can read what landed in place until it resumes the walk.
-        Pausing agrees before every collective (``agree_every`` 1): a paused
-        consumer only ever sees bytes whose sender read them without error.
+        Pausing agrees before every collective and reads each status at once
+        (``agree_every`` 1, ``status_lag`` 0): a paused consumer only ever sees
+        bytes whose sender read them without error.
 
         A consumer stops by throwing an exception in at the pause
         (``walk.throw(e)``; closing counts too): this rank then takes part as
@@ -206,7 +245,7 @@ class Transfer:
         """
         comm, rank = self.comm, self.comm.rank
         if pause:
-            self.agree_every = 1
+            self.agree_every, self.status_lag = 1, 0
         self.groups = self._groups()
         try:
             self._pools()
@@ -227,14 +266,21 @@ class Transfer:
 
         mine = [s for s in self.steps if s.item.owner == rank] if error is None else []
         counter = _Progress(self.plan, self.steps)
-        ahead = self.stage.read_ahead if self.stage is not None else 1
         try:
             if error is None:
                 try:  # a thread that cannot start (a pids limit) is agreed before the first collective
-                    self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE],
-                                              self.read, read_target, io_threads=self.feed_threads, ahead=ahead)
-                    self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
-                                              self.slice, slice_target, io_threads=self.slice_threads)
+                    if self.stage is not None:
+                        # One reader, in the loop's order, for the chunks this rank sends and its own
+                        # slices: they share the pinned buckets and the copy stream.
+                        threads = self.slice_threads if any(s.kind == SLICE for s in mine) else self.feed_threads
+                        self.reader = self.slicer = ChunkReader(
+                            self.plan, self.fds, [s.item for s in mine], self.read, lambda c: None,
+                            io_threads=threads, ahead=self.stage.read_ahead, device=comm.device)
+                    else:
+                        self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE],
+                                                  self.read, read_target, io_threads=self.feed_threads)
+                        self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                                                  self.slice, slice_target, io_threads=self.slice_threads)
                 except Exception as e:
                     error = add_context(e, "starting this rank's read threads")
             for step in self.steps:
@@ -268,7 +314,7 @@ class Transfer:
             self._release()
             if self.stage is not None:  # the caller's stream waits for every queued copy and collective
                 self.stage.close()
-            readers = [r for r in (self.slicer, self.reader) if r is not None]
+            readers = list({id(r): r for r in (self.slicer, self.reader) if r is not None}.values())
             for r in readers:
                 r.close()
             pools = [p for p in (self.read, self.land, self.send, self.slice) if p is not None]
@@ -295,16 +341,32 @@ class Transfer:
     def _agree_before(self, error: BaseException | None) -> None:
         """(all ranks) Before every ``agree_every``-th data collective: raise everywhere if any rank failed.
 
-        Every rank counts the same collectives, so all exchange together; the
-        first collective is always agreed (it also covers the pools' setup).
+        Every rank counts the same collectives, so all post the same status
+        exchanges (one scalar each); each is read ``status_lag`` exchanges
+        later, and all ranks raise at the same one. The first is read at once:
+        it also covers the pools' setup, before which no stand-in exists.
+        On CUDA the status rides the comm stream, behind the collectives
+        already queued, and reading it waits at most ``wait_s`` after it was
+        posted, inside NCCL's own timeout: a peer that died makes this a
+        ``TimeoutError`` (a broken load), never a hang.
         """
         due = self._seen % self.agree_every == 0
+        first = self._seen == 0
         self._seen += 1
-        if due and self.comm.failed_ranks(error is not None):
-            self.comm.raise_agreed("transfer", error)
+        if not due:
+            return
+        with self._on_device_queue():
+            self._statuses.append(self.comm.post_status(error is not None))
+        while len(self._statuses) > (0 if first else self.status_lag):
+            status = self._statuses.popleft()
+            wait = None if self.wait_s is None else max(0.0, status.posted_at + self.wait_s - time.monotonic())
+            if status.failed(wait):
+                self.comm.raise_agreed("transfer", error)
 
     def _stand_in(self, nbytes: int) -> torch.Tensor:
-        """(a rank whose step failed, CPU) Bytes to take part in a collective with; nobody keeps them."""
+        """(a rank whose step failed) Bytes to take part in a collective with; nobody keeps them."""
+        if self.stage is not None:
+            return self.stage.stand_in(nbytes)
         assert self._spare is not None and nbytes <= self._spare.numel(), "the stand-in was sized from the schedule"
         return self._spare[:nbytes]
 
@@ -440,8 +502,24 @@ class Transfer:
     # ---- slice ---------------------------------------------------------------------
 
     def _slice(self, chunk: Chunk) -> None:
-        """(the reading rank) Take its own slice from the slice reader; place it unless it was read in place."""
+        """(the reading rank) Take its own slice from the slice reader; place it unless it was read in place.
+
+        On CUDA the slice goes up on the copy stream like a broadcast chunk,
+        into its destination when no cast is needed, else into a ring bucket
+        and cast into place on the device, beside the collectives.
+        """
         buf, pooled = self._next(self.slicer, chunk)
+        if self.stage is not None:
+            p = chunk.pieces[0]
+            target = self.placement.resolve(p.name, p.tensor_offset, p.nbytes, self.comm.device)
+            staged = self._upload(buf, pooled, target)
+            if target is None:
+                try:
+                    with self.stage.on_copy_stream():
+                        self._commit(chunk, chunk.pieces, staged)
+                finally:  # the bucket is reused only after whatever the cast queued
+                    self.stage.done_copy(staged)
+            return
         if pooled:
             self._held.append((self.slice, buf))  # released by the walk when it moves on
             self._commit(chunk, chunk.pieces, buf)
@@ -458,9 +536,8 @@ class Transfer:
                 self.read.release(buf)
             raise
 
-    @staticmethod
-    def _next(reader: ChunkReader, chunk) -> tuple[torch.Tensor, bool]:
-        got, buf, pooled, err = reader.next()
+    def _next(self, reader: ChunkReader, chunk) -> tuple[torch.Tensor, bool]:
+        got, buf, pooled, err = reader.next(self.wait_s)
         if err is not None:
             raise err
         assert got is chunk, "reader and schedule disagree"

@@ -104,7 +104,7 @@ def _run(g: GatheredOp, placement: KeyedPlacement) -> dict[str, torch.Tensor]:
 
 def _agree_before(comm: Comm, error: BaseException | None) -> None:
     """(all ranks) The status exchange before a data collective: raise everywhere if any rank failed."""
-    if comm.failed_ranks(error is not None):
+    if comm.any_failed(error is not None):
         comm.raise_agreed(PHASE, error)
 
 

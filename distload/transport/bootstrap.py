@@ -10,6 +10,7 @@ With ``kind="mpi"`` the transport is mpi4py instead of torch.distributed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import socket
@@ -23,14 +24,17 @@ from ..errors import DistLoadError
 from ..plan.items import RankInfo
 from .comm import DEFAULT_TIMEOUT_S, Comm, LocalComm, TorchComm
 from .groups import check_group_device
+from .netif import gloo_group_env
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device a load targets: ``"cpu"``, ``"cuda"`` (this rank's GPU, from ``LOCAL_RANK``) or ``"cuda:N"``.
+    """The device a load targets: ``"cpu"``, ``"cuda"`` (this rank's GPU, :func:`rank_gpu`) or ``"cuda:N"``.
 
     Raises one clear :class:`DistLoadError` for anything else: a name torch
     does not know (``"gpu"``), another device type, CUDA on a machine without
-    it, or a GPU index the machine does not have. Default cpu.
+    it, a GPU index the machine does not have, a local rank with no GPU of
+    its own, or a GPU other than the one the process group is bound to.
+    Default cpu.
     """
     spec = device if device is not None else "cpu"
     try:
@@ -45,20 +49,87 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise DistLoadError(f"device {str(spec)!r}: CUDA is not available on {socket.gethostname()} "
                             f"(torch {torch.__version__}); use cpu")
     count = torch.cuda.device_count()
+    bound = bound_device()
     if dev.index is None:
-        return torch.device("cuda", local_rank() % count)
+        if bound is not None:
+            return bound
+        try:
+            return torch.device("cuda", rank_gpu(count))
+        except DistLoadError as e:
+            raise DistLoadError(f"device {str(spec)!r}: {e}") from None
     if dev.index >= count:
         raise DistLoadError(f"device {str(spec)!r} does not exist: {socket.gethostname()} has {count} GPU(s), "
                             f"cuda:0 to cuda:{count - 1}")
+    if bound is not None and bound != dev:
+        raise DistLoadError(f"device {str(spec)!r}: the process group is bound to {bound} "
+                            f"(init_process_group(device_id=...)); load with device='cuda' or {str(bound)!r}")
     return dev
 
 
-def local_rank() -> int:
-    """This process's index on its node, from whichever launcher started it."""
+def bound_device() -> torch.device | None:
+    """The CUDA device the default process group was bound to (``init_process_group(device_id=...)``), if any."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    if bound is None or bound.type != "cuda":
+        return None
+    return torch.device("cuda", bound.index if bound.index is not None else torch.cuda.current_device())
+
+
+def rank_gpu(count: int, env: Mapping[str, str] | None = None) -> int:
+    """(every rank, locally) This rank's GPU index among the ``count`` this process sees.
+
+    Its local rank (``LOCAL_RANK``, ``SLURM_LOCALID``, ...); without a
+    launcher, the current CUDA device (what ``torch.cuda.set_device`` chose).
+    When the launcher gave each rank its own GPU (``CUDA_VISIBLE_DEVICES``
+    lists one, as ``srun --gpus-per-task=1`` does), that one. A local rank
+    with no GPU of its own is refused, never wrapped onto another rank's GPU
+    (NCCL refuses two ranks on one GPU, with a far less clear message).
+    When the launcher says how many ranks share the node, every one of them
+    refuses, not only those past the last GPU, so none waits for the others.
+    """
+    env = os.environ if env is None else env
+    local = launcher_local_rank(env)
+    if local is None:
+        return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if count == 1 and visible is not None:
+        return 0
+    ranks_here = max(local + 1, launcher_local_size(env) or 0)
+    if ranks_here <= count:
+        return local
+    raise DistLoadError(
+        f"{ranks_here} ranks on {socket.gethostname()} but this process sees {count} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}), so local rank "
+        f"{max(local, count)} has no GPU of its own; start at most {count} rank(s) per node, give each rank "
+        "its own GPU through CUDA_VISIBLE_DEVICES, or pass device='cuda:N'")
+
+
+def launcher_local_rank(env: Mapping[str, str] | None = None) -> int | None:
+    """This process's index on its node, from whichever launcher started it; None without one."""
+    env = os.environ if env is None else env
     for var in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
+
+def launcher_local_size(env: Mapping[str, str] | None = None) -> int | None:
+    """How many ranks the launcher started on this node; None when it does not say."""
+    env = os.environ if env is None else env
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "PMI_LOCAL_SIZE"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
+
+def local_rank() -> int:
+    """This process's index on its node, from whichever launcher started it (0 without one)."""
+    found = launcher_local_rank()
+    return 0 if found is None else found
 
 
 def node_key(env: Mapping[str, str] | None = None) -> str:
@@ -269,20 +340,27 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     atexit.register(_release_destroyed_groups)  # runs before interpreter teardown
     if launch.master_addr is None or launch.master_port is None:
         store = _mpi_store(launch, timeout)
-        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
-                                timeout=timeout, **extra)
+        with _gloo_env(backend):
+            dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                    timeout=timeout, **extra)
         return True
     derived = launch.launcher == "slurm" and not os.environ.get("MASTER_PORT", "").isdigit()
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
     os.environ.setdefault("MASTER_PORT", str(launch.master_port))
     try:
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout, **extra)
+        with _gloo_env(backend):
+            dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timeout, **extra)
     except Exception as e:
         if derived:
             raise _port_error(launch, e) from e
         raise
     return True
+
+
+def _gloo_env(backend: str):
+    """Lazy pair connects and the right interface for a gloo group (:mod:`distload.transport.netif`)."""
+    return gloo_group_env() if "gloo" in backend else contextlib.nullcontext()
 
 
 def _port_error(launch: LaunchEnv, e: Exception) -> DistLoadError:
@@ -416,6 +494,9 @@ def clear_dtensor_caches() -> None:
 
 
 COMMS = ("torch", "mpi")
+# Testing: "1" runs a one-rank group through the real collectives (e.g. NCCL to itself) instead of
+# the local shortcut, so one GPU exercises the multi-rank code path: streams, side group, scatter.
+WORLD1_COLLECTIVES = "DISTLOAD_WORLD1_COLLECTIVES"
 
 
 def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = "torch") -> Comm:
@@ -424,7 +505,11 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
     ``kind="torch"`` uses ``group`` (a torch.distributed group, default the
     default group, created by :func:`init_distributed` when missing);
     ``kind="mpi"`` uses ``group`` as an mpi4py communicator (default
-    ``COMM_WORLD``) and needs no torch.distributed at all.
+    ``COMM_WORLD``) and needs no torch.distributed at all. On CUDA over an
+    NCCL group it makes ``device`` this process's current device, as
+    :func:`init_distributed` does, since the group may predate distload.
+    A one-rank group takes the local shortcut, unless the environment sets
+    ``DISTLOAD_WORLD1_COLLECTIVES=1`` (testing the multi-rank path on one GPU).
     """
     import torch.distributed as dist
 
@@ -436,13 +521,17 @@ def make_comm(device: torch.device, group=None, timeout_s: float = DEFAULT_TIMEO
         mpi = MpiComm(device, group, timeout_s)
         return LocalComm(device) if mpi.world_size == 1 else mpi
     if group is None and not (dist.is_available() and init_distributed(device, timeout_s)):
-        return LocalComm(device)
-    if dist.get_world_size(group) == 1:
-        return LocalComm(device)
+        return LocalComm(device, timeout_s)
+    if dist.get_world_size(group) == 1 and os.environ.get(WORLD1_COLLECTIVES) != "1":
+        return LocalComm(device, timeout_s)
     backend = dist.get_backend(group)
     check_group_device(group if group is not None else dist.distributed_c10d._get_default_group(), device, backend)
     if device.type == "cuda" and "nccl" not in str(backend):
         raise DistLoadError(f"device {device} needs an NCCL process group, but the group uses {backend}")
+    if device.type == "cuda":
+        # The group may predate distload (the caller's init_process_group): NCCL binds each
+        # communicator to the current device, which must be this rank's, not cuda:0 on every rank.
+        torch.cuda.set_device(device)
     # gloo moves host memory; an NCCL group moves device memory.
     comm_device = device if device.type == "cuda" else torch.device("cpu")
     return TorchComm(group, comm_device, timeout_s)

@@ -1,9 +1,11 @@
 """The only module that calls collectives.
 
 :class:`Comm` is the small interface the driver needs: object exchange, an
-in-place byte broadcast, and *error agreement* — every rank learns which ranks
-failed, so all raise together instead of leaving survivors blocked in a
-collective. :class:`TorchComm` runs it over a torch.distributed process group
+in-place byte broadcast, and *error agreement*. An agreement all-reduces one
+scalar ("did any rank fail?"); only when the answer is yes does every rank
+gather the messages, so all raise the same error together instead of leaving
+survivors blocked in a collective, and a healthy load pays O(1) bytes and
+O(1) Python per agreement whatever the world size. :class:`TorchComm` runs it over a torch.distributed process group
 (NCCL on GPUs, gloo on CPUs); :class:`LocalComm` is the one-process case.
 
 Every method here is collective: all ranks of the group must call it, in the
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import MAX_TRACEBACK, DistLoadError, clip_text
+from .netif import gloo_group_env
 
 # Collective timeout (seconds) when distload creates the process group, and each MPI call's deadline.
 DEFAULT_TIMEOUT_S = 300.0
@@ -34,6 +37,77 @@ def describe(exc: BaseException) -> str:
     notes = [n for n in getattr(exc, "__notes__", None) or [] if isinstance(n, str)]
     where = "".join(f"{n}: " for n in notes)
     return clip_text(f"{where}{type(exc).__name__}: {exc}")
+
+
+class Status(ABC):
+    """(all ranks) One posted status exchange: :meth:`failed` says whether any rank reported a failure.
+
+    Every rank posts the same exchanges in the same order, so every rank gets
+    the same answer from each. ``posted_at`` is when this rank posted it.
+    """
+
+    def __init__(self) -> None:
+        self.posted_at = time.monotonic()
+
+    @abstractmethod
+    def failed(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``) for the answer; ``TimeoutError`` when it does not come."""
+
+
+class Known(Status):
+    """An exchange that was answered before it was returned."""
+
+    def __init__(self, value: bool):
+        super().__init__()
+        self._value = value
+
+    def failed(self, timeout_s: float | None = None) -> bool:
+        return self._value
+
+
+class _Pending(Status):
+    """A torch.distributed all-reduce of one host int, started with ``async_op=True`` (gloo)."""
+
+    def __init__(self, work: Any, flag: torch.Tensor):
+        super().__init__()
+        self._work, self._flag = work, flag
+
+    def failed(self, timeout_s: float | None = None) -> bool:
+        if timeout_s is None:
+            self._work.wait()
+        else:
+            import datetime
+
+            self._work.wait(datetime.timedelta(seconds=max(timeout_s, 0.001)))
+        return bool(self._flag.item())
+
+
+class _OnDevice(Status):
+    """An NCCL all-reduce of one int queued on the current CUDA stream, read back through pinned memory.
+
+    Nothing waits for the GPU when it is posted; :meth:`failed` polls the
+    event recorded after the read-back, so a collective that never finishes
+    (a peer died) is a ``TimeoutError``, never a hang.
+    """
+
+    def __init__(self, event: torch.cuda.Event, host: torch.Tensor):
+        super().__init__()
+        self._event, self._host = event, host
+
+    def failed(self, timeout_s: float | None = None) -> bool:
+        poll_event(self._event, timeout_s, "a status all-reduce on the GPU did not complete")
+        return bool(self._host.item())
+
+
+def poll_event(event: torch.cuda.Event, timeout_s: float | None, what: str) -> None:
+    """Wait for ``event`` by polling (``synchronize`` cannot be interrupted); ``TimeoutError`` after ``timeout_s``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    nap = 20e-6
+    while not event.query():
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} within {timeout_s:g} s: timed out (a peer died or hung?)")
+        time.sleep(nap)
+        nap = min(2 * nap, 1e-3)
 
 
 class Comm(ABC):
@@ -75,9 +149,24 @@ class Comm(ABC):
         """
         return self if tuple(ranks) == tuple(range(self.world_size)) else None
 
+    # How long a rank waits for its own device or reader, or for a status, before it calls the
+    # transport broken. On NCCL, shorter than NCCL's own timeout (see :func:`control_timeout`).
+    wait_s: float = DEFAULT_TIMEOUT_S
+
     @abstractmethod
-    def failed_ranks(self, failed: bool) -> list[int]:
-        """(all ranks) The ranks that passed ``failed=True``. One tiny collective."""
+    def any_failed(self, failed: bool) -> bool:
+        """(all ranks) Whether any rank passed ``failed=True``: one scalar all-reduce, whatever the world size."""
+
+    def post_status(self, failed: bool) -> Status:
+        """(all ranks) Start the same exchange as :meth:`any_failed`; its :class:`Status` answers later.
+
+        Transports that can overlap it with data collectives (NCCL, gloo)
+        return at once; the default answers before returning.
+        """
+        return Known(self.any_failed(failed))
+
+    def abort(self) -> None:
+        """(one rank, after a collective broke) Cancel this transport's queued device collectives, if it has any."""
 
     @abstractmethod
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
@@ -92,10 +181,10 @@ class Comm(ABC):
     def agree(self, phase: str, error: BaseException | None) -> None:
         """(all ranks) Raise the same :class:`DistLoadError` everywhere if any rank failed.
 
-        Costs one small collective when all is well; only on failure does it
+        Costs one scalar all-reduce when all is well; only on failure does it
         gather the messages. The local exception becomes ``__cause__``.
         """
-        if self.failed_ranks(error is not None):
+        if self.any_failed(error is not None):
             self.raise_agreed(phase, error)
 
     def raise_agreed(self, phase: str, error: BaseException | None) -> None:
@@ -154,8 +243,10 @@ class LocalComm(Comm):
 
     has_subgroups = True  # the only sub-group is the whole group
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, timeout_s: float | None = None):
         self.rank, self.world_size, self.device = 0, 1, device
+        if timeout_s is not None:
+            self.wait_s = timeout_s
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
@@ -170,8 +261,8 @@ class LocalComm(Comm):
         assert send is not None
         buf.copy_(send[: buf.numel()])
 
-    def failed_ranks(self, failed: bool) -> list[int]:
-        return [0] if failed else []
+    def any_failed(self, failed: bool) -> bool:
+        return failed
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         assert not sends and not recvs, "a single process has no peers"
@@ -184,20 +275,28 @@ _SUBGROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}  # -> (that 
 class TorchComm(Comm):
     """torch.distributed over one process group.
 
-    Note on error agreement without device syncs:
-        The per-chunk status all-reduce must not stall the GPU pipeline. On an
-        NCCL group a status tensor lives on the device, and reading it back
-        (``.tolist()``) waits for every queued copy and broadcast: a host sync
-        per chunk. So when the data group is NCCL, the status travels over a
-        gloo side group of the same ranks (as torch DCP does for its control
-        messages), created once per data group with the same timeout: a host
-        round trip per chunk, no device sync, and a hung peer still times out.
+    Note on control messages on NCCL:
+        Plans, reports, error messages and the blocking status agreements of
+        the phases travel over a gloo side group of the same ranks (as torch
+        DCP does for its control messages), never over NCCL: an object
+        collective on NCCL stages its pickles on whatever CUDA device is
+        current, and reading a result back waits for every copy and
+        broadcast queued before it. The side group is made at the first
+        control message, with lazy pair connects and the interface chosen
+        by :mod:`distload.transport.netif`, and its timeout is shorter than
+        NCCL's (:func:`control_timeout`), so a hung peer is named by
+        distload before NCCL's watchdog ends the process.
+
+        The transfer loop's own agreements (:meth:`post_status`) stay on
+        the GPU instead: one int all-reduced by NCCL on the loop's stream,
+        read back through pinned memory and checked a window later, so
+        agreeing costs no host round trip and no device sync.
     """
 
     def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None, *,
                  control_group: Any = None, make_groups: bool = True):
-        """``control_group``: a gloo group of the same ranks, for error agreement and
-        object exchange (an engine's own CPU group), so none is made for an NCCL
+        """``control_group``: a gloo group of the same ranks for control messages and
+        agreements (an engine's own CPU group), so none is made for an NCCL
         ``group``. ``make_groups=False``: never create a process group; scatters
         over part of the ranks then run as point-to-point sends over ``group``
         (:class:`~distload.transport.peer.PeerGroup`)."""
@@ -212,12 +311,28 @@ class TorchComm(Comm):
         # Group ranks -> global ranks, which is what the src= arguments take.
         self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)] if group is not None else list(range(self.world_size))
         self._timeout_s = timeout_s
-        self._control: Any = None  # made at the first status exchange: groups that never agree need none
-        self._status: torch.Tensor | None = None
+        self._nccl = device.type == "cuda"
+        if self._nccl:
+            self.wait_s = control_timeout(nccl_timeout(group) or timeout_s or DEFAULT_TIMEOUT_S)
+        elif timeout_s is not None:
+            self.wait_s = timeout_s
+        self._control: Any = None  # the gloo side group on NCCL, made at the first control message
+        self._flags: tuple[torch.Tensor, torch.Tensor] | None = None  # (device, pinned) status slots on NCCL
+        self._posted = 0
+
+    def _ctl(self) -> Any:
+        """(all ranks) The group control messages travel on: the gloo side group on NCCL, else the group itself."""
+        if self._given_control is not None:
+            return self._given_control
+        if not self._nccl:
+            return self.group
+        if self._control is None:
+            self._control = control_group(self.group, self._global, self.wait_s)
+        return self._control
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj, group=self._given_control or self.group)
+        self._dist.all_gather_object(out, obj, group=self._ctl())
         return out
 
     def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
@@ -241,10 +356,8 @@ class TorchComm(Comm):
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
-        if self._given_control is not None:
-            self._dist.broadcast_object_list(box, src=self._global[src], group=self._given_control)
-        else:
-            self._dist.broadcast_object_list(box, src=self._global[src], group=self.group, device=self.device)
+        self._dist.broadcast_object_list(box, src=self._global[src], group=self._ctl(),
+                                         device=torch.device("cpu") if self._nccl else self.device)
         return box[0]
 
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
@@ -289,7 +402,8 @@ class TorchComm(Comm):
         # reuse theirs, and new_group is collective.
         group = cached[1] if cached is not None and cached[0] is world else None
         if group is None:
-            group = self._dist.new_group(list(members))
+            with gloo_group_env():  # a gloo world makes gloo sub-groups: lazy connects, the right interface
+                group = self._dist.new_group(list(members))
             _SUBGROUPS[key] = (world, group)
         return TorchComm(group, self.device) if self.rank in ranks else None
 
@@ -301,19 +415,89 @@ class TorchComm(Comm):
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
-    def failed_ranks(self, failed: bool) -> list[int]:
-        if self._status is None:
-            side = self.device.type == "cuda" or self._given_control is not None
-            if self._given_control is not None:
-                self._control = self._given_control
-            else:
-                self._control = control_group(self.group, self._global, self._timeout_s) if side else self.group
-            self._status = torch.zeros(self.world_size, dtype=torch.int32, device="cpu" if side else self.device)
-        self._status.zero_()
-        if failed:
-            self._status[self.rank] = 1
-        self._dist.all_reduce(self._status, op=self._dist.ReduceOp.MAX, group=self._control)
-        return [r for r, v in enumerate(self._status.tolist()) if v]
+    def any_failed(self, failed: bool) -> bool:
+        """One host int all-reduced (MAX) over the control group: blocking, and never waits for the GPU."""
+        flag = torch.tensor([int(failed)], dtype=torch.int32)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self._ctl())
+        return bool(flag.item())
+
+    def post_status(self, failed: bool) -> Status:
+        """(all ranks) On NCCL: one int all-reduced on the current stream, read back later; on gloo: async.
+
+        On NCCL the caller's current stream must be the one its data
+        collectives run on, so the answer is ready once they are done.
+        """
+        dist = self._dist
+        if not self._nccl:
+            flag = torch.tensor([int(failed)], dtype=torch.int32)
+            return _Pending(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        if self._flags is None:
+            self._flags = (torch.zeros(STATUS_SLOTS, dtype=torch.int32, device=self.device),
+                           torch.zeros(STATUS_SLOTS, dtype=torch.int32, pin_memory=True))
+        on_device, pinned = self._flags
+        i = self._posted % STATUS_SLOTS  # a slot is posted again only after its answer was read
+        self._posted += 1
+        flag, host = on_device[i : i + 1], pinned[i : i + 1]
+        flag.fill_(int(failed))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _OnDevice(event, host)
+
+    def abort(self) -> None:
+        """Abort the NCCL communicators of this group and of the sub-groups distload made over it.
+
+        Their kernels stop waiting for peers that will never answer, so the
+        caller's stream (queued behind them) drains, and a later
+        ``torch.cuda.synchronize()`` or ``destroy_process_group()`` does not
+        hang. The groups stay registered but can no longer communicate.
+        """
+        if not self._nccl:
+            return
+        from torch.distributed import distributed_c10d as c10d
+
+        try:
+            world = c10d._get_default_group()
+        except Exception:
+            return
+        groups = [self.group if self.group is not None else world]
+        groups += [g for key, (w, g) in list(_SUBGROUPS.items()) if w is world]
+        for key in [k for k, (w, _) in _SUBGROUPS.items() if w is world]:
+            del _SUBGROUPS[key]  # aborted: a later load must make its own
+        for g in groups:
+            try:
+                g._get_backend(torch.device("cuda")).abort()
+            except Exception:  # already gone, or not an NCCL group: nothing queued to cancel
+                pass
+
+
+# Status slots on NCCL, used in turn: the loop reads each answer a window after posting it.
+STATUS_SLOTS = 4
+# The side group's timeout and distload's own waits on NCCL, as a fraction of NCCL's timeout.
+CONTROL_FRACTION = 0.8
+
+
+def control_timeout(nccl_timeout_s: float) -> float:
+    """How long distload waits on an NCCL job (the side group's timeout): well inside NCCL's own.
+
+    NCCL's watchdog ends the process when a collective outlives the group's
+    timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, its default); waiting
+    :data:`CONTROL_FRACTION` of it lets distload raise its own error, on
+    every rank it can reach, first.
+    """
+    return max(1.0, CONTROL_FRACTION * nccl_timeout_s)
+
+
+def nccl_timeout(group: Any) -> float | None:
+    """The NCCL timeout of ``group`` (default: the default group), in seconds; None when it cannot be read."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        pg = group if group is not None else c10d._get_default_group()
+        return pg._get_backend(torch.device("cuda")).options._timeout.total_seconds()
+    except Exception:
+        return None
 
 
 # data group -> its gloo side group, reused by every load over that group
@@ -321,13 +505,15 @@ _CONTROL: list[tuple[Any, Any]] = []
 
 
 def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
-    """(all ranks of ``group``) A gloo group of the same ranks for error agreement.
+    """(all ranks of ``group``) A gloo group of the same ranks for control messages.
 
     Created on first use and kept while both groups live, so repeated loads
     pay for it once. Over the whole world every rank takes part (a counted
     group name); over a subgroup only its ranks do (torch then names the
-    group after its ranks). Its timeout is the
-    data group's when the backend tells it, else ``timeout_s``.
+    group after its ranks). ``timeout_s`` is its timeout: on NCCL,
+    :func:`control_timeout` of the data group's. Made under
+    :func:`~distload.transport.netif.gloo_group_env`: lazy pair connects,
+    and on several nodes the interface that reaches them.
     """
     import datetime
 
@@ -340,13 +526,10 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
     for g, c in _CONTROL:
         if g is key:
             return c
-    try:  # the data group's own timeout, so a hung peer is named as soon as NCCL would give up
-        timeout_s = key._get_backend(torch.device("cuda")).options._timeout.total_seconds()
-    except Exception:
-        pass
     kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     local = len(ranks) != dist.get_world_size()
-    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=local, **kw)
+    with gloo_group_env():
+        side = dist.new_group(ranks, backend="gloo", use_local_synchronization=local, **kw)
     _CONTROL.append((key, side))
     return side
 
@@ -369,12 +552,16 @@ SILENT_WAIT_S = 3.0
 def broken_error(comm: Comm, what: str, phase: str, tag: str, e: BaseException) -> DistLoadError:
     """(each surviving rank, alone) The error for a collective that broke instead of agreeing.
 
-    A timeout means some rank stopped answering: check in through the
-    transport's side channel for a few seconds and name the ranks that did
-    not. A dead peer (connection reset) is reported at once: the launcher
-    names it and stops the survivors. ``tag`` must be the same on every rank
-    and unique per operation; ``what`` names it ("distload", "distload save").
+    First the transport's queued device collectives are aborted
+    (:meth:`Comm.abort`: NCCL), so the caller's stream does not stay stuck
+    behind them. A timeout means some rank stopped answering: check in
+    through the transport's side channel for a few seconds and name the
+    ranks that did not. A dead peer (connection reset) is reported at once:
+    the launcher names it and stops the survivors. ``tag`` must be the same
+    on every rank and unique per operation; ``what`` names it ("distload",
+    "distload save").
     """
+    comm.abort()  # first: NCCL's watchdog may end the process once its own timeout passes
     text = describe(e)
     failures: dict[int, str] = {comm.rank: text}
     hint = " (did another rank die or time out?)"

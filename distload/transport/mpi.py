@@ -231,12 +231,10 @@ class MpiComm(Comm):
             self._wait(_AllOf(self._MPI, requests), "point-to-point transfer",
                        *(buf for buf, _ in sends), *(buf for buf, _ in recvs))
 
-    def failed_ranks(self, failed: bool) -> list[int]:
-        status = torch.zeros(self.world_size, dtype=torch.int32)
-        if failed:
-            status[self.rank] = 1
+    def any_failed(self, failed: bool) -> bool:
+        status = torch.tensor([int(failed)], dtype=torch.int32)
         out = torch.zeros_like(status)
-        self._wait(self._comm.Iallreduce([host_bytes(status), self.world_size, self._MPI.INT32_T],
-                                         [host_bytes(out), self.world_size, self._MPI.INT32_T], op=self._MPI.MAX),
+        self._wait(self._comm.Iallreduce([host_bytes(status), 1, self._MPI.INT32_T],
+                                         [host_bytes(out), 1, self._MPI.INT32_T], op=self._MPI.MAX),
                    "status all-reduce", status, out)
-        return [r for r, v in enumerate(out.tolist()) if v]
+        return bool(out.item())

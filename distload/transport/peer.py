@@ -50,10 +50,9 @@ class PeerGroup(Comm):
 
     # ---- small messages: gathered on the first member, which answers everyone -------------
 
-    def failed_ranks(self, failed: bool) -> list[int]:
+    def any_failed(self, failed: bool) -> bool:
         got = self._at_first(bytes([int(failed)]))
-        flags = self._from_first(bytes(g[0] for g in got) if got is not None else None)
-        return [i for i, f in enumerate(flags) if f]
+        return bool(self._from_first(bytes([max(g[0] for g in got)]) if got is not None else None)[0])
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         got = self._at_first(pickle.dumps(obj))
