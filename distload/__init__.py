@@ -7,6 +7,9 @@ torch.distributed to every rank that needs them.
     with distload.empty_init():
         model = build_model(config)
     report = distload.load_checkpoint(model, "/ckpt/llama", device="cuda")
+
+    for name, tensor in distload.stream_state_dict("/ckpt/llama"):  # one tensor at a time
+        ...
 """
 
 from importlib import metadata as _metadata
@@ -18,6 +21,7 @@ from .model.place import empty_init
 from .report import LoadReport
 from .save_report import SaveReport
 from .saver import save_checkpoint
+from .stream import TensorStream, stream_state_dict
 from .transport.bootstrap import init_distributed
 
 __all__ = [
@@ -31,6 +35,8 @@ __all__ = [
     "plan_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "stream_state_dict",
+    "TensorStream",
 ]
 
 try:

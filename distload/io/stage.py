@@ -277,6 +277,21 @@ class CopyStage:
         event.record(self.comm_stream)
         self._ring.used(buf, event)
 
+    def hand_over(self) -> None:
+        """(every rank, streaming) The caller's stream may read what landed: order it after the queued copies and collectives."""
+        caller = torch.cuda.current_stream(self.device)
+        caller.wait_stream(self.copy_stream)
+        caller.wait_stream(self.comm_stream)
+
+    def take_back(self) -> None:
+        """(every rank, streaming) The caller is done with what landed: later copies and receives wait for its work.
+
+        Costs the overlap of one copy with the caller's work per step, never a host sync.
+        """
+        caller = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(caller)
+        self.comm_stream.wait_stream(caller)
+
     def done_copy(self, buf: torch.Tensor) -> None:
         """(the reading rank) ``buf``'s slice placement is queued on the copy stream; reuse it after that."""
         event = torch.cuda.Event()

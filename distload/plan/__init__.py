@@ -1,4 +1,4 @@
-"""What moves where: files -> ranks, DTensor slice math, key maps, the load and save schedules, the dry run.
+"""What moves where: files -> ranks, DTensor slice math, key maps, the load, stream and save schedules, the dry run.
 
 Pure and deterministic: plan items are frozen dataclasses, built by the
 coordinator (rank 0) from headers and model metadata, sent to every rank,

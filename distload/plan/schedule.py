@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .items import Chunk
+from .items import Chunk, Piece
 from .load_plan import LoadPlan
 from .shard_plan import ScatterChunk
 
@@ -32,3 +32,13 @@ def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
         steps += [Step(SCATTER, c) for c in sp.scatters if c.seg_bytes]
         steps += [Step(SLICE, c) for c in (sp.slices if rank is None else sp.slices_of(rank)) if c.nbytes]
     return tuple(steps)
+
+
+def pieces_here(step: Step, rank: int) -> tuple[Piece, ...]:
+    """(pure) What ``rank`` holds after ``step``: each piece's ``tensor_offset`` in the tensor it fills on that rank."""
+    if step.kind == SCATTER:
+        assert isinstance(step.item, ScatterChunk)
+        return tuple(p.piece for p in step.item.parts_of(rank)) if rank in step.item.ranks else ()
+    if step.kind == SLICE and step.item.owner != rank:
+        return ()
+    return step.item.pieces  # type: ignore[union-attr]

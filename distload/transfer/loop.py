@@ -30,6 +30,9 @@ these bytes land in the destination's own memory?) and ``commit`` (they
 landed in a buffer: put them in place). Casts, DTensor local shards, tied
 names and key conversions stay behind those two calls; the transport never
 sees the placement and the placement never sees the transport.
+A stream (:mod:`distload.stream`) walks the same schedule with
+:meth:`Transfer.walk` ``(pause=True)``, which stops after each step so a
+consumer can take what landed before its buffers are reused.
 
 Note on memory (every rank, beyond its destination tensors; B = one bucket,
 or the largest scatter chunk or segment when bigger):
@@ -56,6 +59,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -168,6 +172,8 @@ class Transfer:
         self._spare: torch.Tensor | None = None  # stand-in bytes (CPU) for a rank whose step failed
         # On CUDA every host wait (a read, a copy, a status) is bounded: past it the load is broken.
         self.wait_s = comm.wait_s if on_gpu else None
+        self._held: list[tuple[BufferPool, torch.Tensor]] = []  # pooled buffers of the step being run
+        self.bytes_read = 0  # this rank's, once the walk ended
 
     # ---- setup ----------------------------------------------------------------
 
@@ -216,13 +222,36 @@ class Transfer:
 
     def run(self) -> int:
         """(all ranks) Walk every step; returns the bytes this rank read."""
+        for _ in self.walk():
+            pass
+        return self.bytes_read
+
+    def walk(self, pause: bool = False, error: BaseException | None = None) -> Iterator[Step]:
+        """(all ranks) Walk every step; with ``pause``, yield each step whose bytes landed here.
+
+        Without ``pause`` this is the load: nothing is yielded. With it, the
+        walk stops after each step that this rank ran without error, with the
+        step's buffers still held (and, on CUDA, the caller's stream ordered
+        after the step's collective and the next one after the caller's work),
+        so a consumer can read what landed in place until it resumes the walk.
+        Pausing agrees before every collective and reads each status at once
+        (``agree_every`` 1, ``status_lag`` 0): a paused consumer only ever sees
+        bytes whose sender read them without error.
+
+        A consumer stops by throwing an exception in at the pause
+        (``walk.throw(e)``; closing counts too): this rank then takes part as
+        a failed rank, and the next status exchange raises the same
+        :class:`~distload.errors.DistLoadError` on every rank. ``error`` starts
+        the walk as failed already (a consumer that stopped before the first step).
+        """
         comm, rank = self.comm, self.comm.rank
+        if pause:
+            self.agree_every, self.status_lag = 1, 0
         self.groups = self._groups()
-        error: BaseException | None = None
         try:
             self._pools()
         except Exception as e:  # agreed before the first collective
-            error = e
+            error = error or e
         host = torch.device("cpu")
         on_host = comm.device.type == "cpu"
 
@@ -256,6 +285,7 @@ class Transfer:
                 except Exception as e:
                     error = add_context(e, "starting this rank's read threads")
             for step in self.steps:
+                self._release()  # the previous step's buffers: its consumer, if any, has moved on
                 if step.kind == SLICE:
                     if step.item.owner == rank and error is None:
                         try:
@@ -267,10 +297,22 @@ class Transfer:
                     error = move(step.item, error)
                 if self.progress is not None:
                     self.progress.update(counter.step(step))
+                if pause and error is None:
+                    if self.stage is not None:
+                        self.stage.hand_over()
+                    try:
+                        yield step
+                    except (Exception, GeneratorExit) as e:  # the consumer stopped: fail at the next exchange
+                        error = e
+                    finally:
+                        if self.stage is not None:
+                            self.stage.take_back()
+            self._release()
             if self.progress is not None:
                 self.progress.update(counter.rest())
             comm.agree("transfer", error)
         finally:
+            self._release()
             if self.stage is not None:  # the caller's stream waits for every queued copy and collective
                 self.stage.close()
             readers = list({id(r): r for r in (self.slicer, self.reader) if r is not None}.values())
@@ -281,7 +323,13 @@ class Transfer:
                 pools.remove(self.stage.pinned)
             self.buffer_bytes = sum(p.allocated_bytes for p in {id(p): p for p in pools}.values()) + (
                 self.stage.allocated_bytes if self.stage is not None else 0)
-        return sum(r.bytes_read for r in readers)
+            self.bytes_read = sum(r.bytes_read for r in readers)
+
+    def _release(self) -> None:
+        """Return the pooled buffers the last step held (kept while a paused consumer reads them)."""
+        for pool, b in self._held:
+            pool.release(b)
+        self._held = []
 
     def _on_device_queue(self):
         """The collective and unpacking of one step: on CUDA on the stage's comm stream, after its copy."""
@@ -345,8 +393,7 @@ class Transfer:
                         error = e
             self._done(buf)
         finally:
-            for pool, b in held:
-                pool.release(b)
+            self._held += held  # released by the walk when it moves on
         return error
 
     def _broadcast_source(self, chunk: Chunk, held: list) -> tuple[torch.Tensor, bool]:
@@ -412,8 +459,7 @@ class Transfer:
                 if not landed:
                     self._done(recv)
         finally:
-            for pool, b in held:
-                pool.release(b)
+            self._held += held  # released by the walk when it moves on
         return error
 
     def _pack(self, chunk: ScatterChunk, slot: dict[int, int], held: list) -> torch.Tensor:
@@ -476,10 +522,8 @@ class Transfer:
                     self.stage.done_copy(staged)
             return
         if pooled:
-            try:
-                self._commit(chunk, chunk.pieces, buf)
-            finally:
-                self.slice.release(buf)
+            self._held.append((self.slice, buf))  # released by the walk when it moves on
+            self._commit(chunk, chunk.pieces, buf)
 
     # ---- shared ----------------------------------------------------------------------
 

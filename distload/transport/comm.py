@@ -293,11 +293,18 @@ class TorchComm(Comm):
         agreeing costs no host round trip and no device sync.
     """
 
-    def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None):
+    def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None, *,
+                 control_group: Any = None, make_groups: bool = True):
+        """``control_group``: a gloo group of the same ranks for control messages and
+        agreements (an engine's own CPU group), so none is made for an NCCL
+        ``group``. ``make_groups=False``: never create a process group; scatters
+        over part of the ranks then run as point-to-point sends over ``group``
+        (:class:`~distload.transport.peer.PeerGroup`)."""
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
+        self._given_control, self._make_groups = control_group, make_groups
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
@@ -315,6 +322,8 @@ class TorchComm(Comm):
 
     def _ctl(self) -> Any:
         """(all ranks) The group control messages travel on: the gloo side group on NCCL, else the group itself."""
+        if self._given_control is not None:
+            return self._given_control
         if not self._nccl:
             return self.group
         if self._control is None:
@@ -364,13 +373,23 @@ class TorchComm(Comm):
 
     @property
     def has_subgroups(self) -> bool:  # type: ignore[override]
-        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them."""
-        return self.world_size == self._dist.get_world_size()
+        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them.
+
+        Point-to-point ones (``make_groups=False``) need nothing, over any group.
+        """
+        return not self._make_groups or self.world_size == self._dist.get_world_size()
 
     def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """A process group over ``ranks``, made once per set of ranks and kept for later loads."""
+        """A process group over ``ranks``, made once per set of ranks and kept for later loads.
+
+        With ``make_groups=False``, a :class:`~distload.transport.peer.PeerGroup` instead: no group is made.
+        """
         if tuple(ranks) == tuple(range(self.world_size)):
             return self
+        if not self._make_groups:
+            from .peer import PeerGroup
+
+            return PeerGroup(self, tuple(ranks)) if self.rank in ranks else None
         from torch.distributed import distributed_c10d as c10d
 
         members = tuple(self._global[r] for r in ranks)
