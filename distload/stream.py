@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import DistLoadError
-from .format.discover import local_root
+from .format.discover import owner_store
 from .format.dtypes import plan_dtypes
 from .io.reader import open_verified
 from .loader import _check_read_policy, _Load
@@ -37,6 +37,7 @@ from .model.sink import StreamSink
 from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan
 from .plan.schedule import pieces_here, schedule
 from .plan.stream_plan import Names, Wishes, digest, group_digests, names_in, stream_plan, wanted_mask
+from .storage.base import Source
 from .storage.mounts import is_local_storage
 from .transfer.loop import Transfer
 from .transport.bootstrap import make_comm, resolve_device
@@ -170,7 +171,7 @@ class _Stream:
                  bucket_mb: float, read_policy: str, io_threads: int | None, revision: str | None):
         self.comm, self.device = comm, device
         self.bytes_read = 0
-        self.fds: dict[int, int] = {}
+        self.sources: dict[int, Source] = {}
         self.phase = "plan"
         self.tag = f"stream.{next(_STREAM_SEQ)}"  # the same on every rank: all run the same streams in order
         self.finished = False
@@ -231,9 +232,10 @@ class _Stream:
                                    {k: t.dtype for k, t in entries.items()}, wants, self.device)
             carried = {p.name for s in self.steps for p in pieces_here(s, rank)}
             self._empty = [k for k in self.names if k not in carried]  # no step moves a tensor of no bytes
-            root = local_root(self.path)
-            for i in sorted({s.item.file for s in self.steps if s.item.owner == rank}):
-                self.fds[i] = open_verified(self.plan, i, root)
+            mine = sorted({s.item.file for s in self.steps if s.item.owner == rank})
+            store = owner_store(self.path, self.plan.root) if mine else None
+            for i in mine:
+                self.sources[i] = open_verified(self.plan, i, store)
         except Exception as e:
             error = e
         self.comm.agree("open", error)
@@ -241,7 +243,7 @@ class _Stream:
     # ---- iteration -------------------------------------------------------------------
 
     def _transfer(self) -> Transfer:
-        return Transfer(self.comm, self.plan, self.sink, self.fds, None, self.io_threads, self.ranks_here)
+        return Transfer(self.comm, self.plan, self.sink, self.sources, None, self.io_threads, self.ranks_here)
 
     def run(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(all ranks) Walk the schedule, yielding what completes after each step; see the module note."""
@@ -309,9 +311,9 @@ class _Stream:
     # ---- helpers ------------------------------------------------------------------------
 
     def _close_files(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for src in self.sources.values():
+            src.close()
+        self.sources.clear()
 
     def _broken(self, e: Exception) -> DistLoadError:
         """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""

@@ -26,7 +26,6 @@ from huggingface_hub.file_download import (
 )
 from safetensors.torch import load_file
 
-import distload
 from ckpt import write_llama
 from dist import run_world
 

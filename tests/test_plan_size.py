@@ -18,7 +18,7 @@ from distload.plan.dryrun import fsdp_layouts, measure
 from distload.format.header import DTYPE_SIZES, Checkpoint, ShardFile, TensorEntry
 from distload.plan.load_plan import LoadPlan, build_plan, wire_bytes
 from distload.plan.items import RankInfo
-from distload.plan.shard import Layout, Placement, Sharding, _enumerated_summary, _separable_summary, layout_of
+from distload.plan.shard import Placement, Sharding, _enumerated_summary, _separable_summary, layout_of
 from distload.plan.shard import intersect, length, position
 from distload.plan.shard_plan import build_shard_plan
 
