@@ -29,6 +29,6 @@ def schedule(plan: LoadPlan, rank: int | None = None) -> tuple[Step, ...]:
     steps = [Step(BROADCAST, c) for c in plan.chunks if c.nbytes]
     sp = plan.sharded
     if sp is not None:
-        steps += [Step(SCATTER, c) for c in sp.scatters if c.seg_bytes]
+        steps += [Step(SCATTER, c) for c in sp.scatters if c.send_bytes]
         steps += [Step(SLICE, c) for c in (sp.slices if rank is None else sp.slices_of(rank)) if c.nbytes]
     return tuple(steps)

@@ -42,7 +42,6 @@ class Comm(ABC):
     rank: int
     world_size: int
     device: torch.device
-    has_subgroups = False  # subgroup() makes real sub-groups (else scatters span the whole group)
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -57,23 +56,13 @@ class Comm(ABC):
         """(all ranks) Fill ``buf`` (contiguous, on ``device``) with ``src``'s bytes."""
 
     @abstractmethod
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        """(all ranks) Fill each rank's ``buf`` with its segment of ``src``'s ``send``.
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """(all ranks) ``dst`` gets every rank's ``buf`` (the same size everywhere) as one tensor, by rank.
 
-        ``buf`` is ``n`` contiguous bytes on ``device`` on every rank; ``send``
-        (``src`` only) is ``world_size * n`` bytes and rank ``r`` receives
-        ``send[r * n : (r + 1) * n]``. Equal segments, as MPI_Scatter and gloo need.
+        Only ``dst`` receives: ``world_size * len(buf)`` elements there, None
+        elsewhere. For fixed-size records (a rank's figures), so nothing about
+        sizes needs exchanging first. ``buf`` is contiguous, on ``device``.
         """
-
-    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """(all ranks, the same sets in the same order) A transport over just ``ranks``.
-
-        ``ranks`` are this group's ranks, sorted; rank ``ranks[i]`` is rank
-        ``i`` of the result. Ranks outside ``ranks`` get None. Only called when
-        ``has_subgroups``; otherwise scatters span the whole group and ranks
-        outside a scatter's set receive padding.
-        """
-        return self if tuple(ranks) == tuple(range(self.world_size)) else None
 
     @abstractmethod
     def failed_ranks(self, failed: bool) -> list[int]:
@@ -152,8 +141,6 @@ class Comm(ABC):
 class LocalComm(Comm):
     """A single process: nothing to exchange."""
 
-    has_subgroups = True  # the only sub-group is the whole group
-
     def __init__(self, device: torch.device):
         self.rank, self.world_size, self.device = 0, 1, device
 
@@ -166,19 +153,14 @@ class LocalComm(Comm):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         return None
 
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        assert send is not None
-        buf.copy_(send[: buf.numel()])
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        return buf.clone()
 
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         assert not sends and not recvs, "a single process has no peers"
-
-
-# Sub-groups made for scatters over a tensor's own mesh, by (default group, global ranks).
-_SUBGROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}  # -> (that default group, the sub-group)
 
 
 class TorchComm(Comm):
@@ -241,37 +223,10 @@ class TorchComm(Comm):
         if buf.numel():
             self._dist.broadcast(buf, src=self._global[src], group=self.group)
 
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        n = buf.numel()
-        if n == 0:
-            return
-        parts = list(send.split(n)) if self.rank == src and send is not None else None
-        self._dist.scatter(buf, parts, src=self._global[src], group=self.group)
-
-    @property
-    def has_subgroups(self) -> bool:  # type: ignore[override]
-        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them."""
-        return self.world_size == self._dist.get_world_size()
-
-    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """A process group over ``ranks``, made once per set of ranks and kept for later loads."""
-        if tuple(ranks) == tuple(range(self.world_size)):
-            return self
-        from torch.distributed import distributed_c10d as c10d
-
-        members = tuple(self._global[r] for r in ranks)
-        world = c10d._get_default_group()
-        key = (id(world), members)
-        cached = _SUBGROUPS.get(key)
-        # Valid only for the same world object (an id can be a new world's). Ranks outside
-        # ``members`` hold torch's non-member marker, which no group map lists, so the cache
-        # must not be checked against one: they would make the group again while its members
-        # reuse theirs, and new_group is collective.
-        group = cached[1] if cached is not None and cached[0] is world else None
-        if group is None:
-            group = self._dist.new_group(list(members))
-            _SUBGROUPS[key] = (world, group)
-        return TorchComm(group, self.device) if self.rank in ranks else None
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
+        self._dist.gather(buf, out, dst=self._global[dst], group=self.group)
+        return torch.cat(out) if out is not None else None
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         dist = self._dist
@@ -329,8 +284,7 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
 
 
 def forget_groups() -> None:
-    """(every rank, at destroy) Drop the cached sub-groups and side groups, so none outlives its world."""
-    _SUBGROUPS.clear()
+    """(every rank, at destroy) Drop the cached side groups, so none outlives its world."""
     _CONTROL.clear()
 
 
