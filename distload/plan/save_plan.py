@@ -3,9 +3,12 @@ and the chunks the bytes travel in. The load plan, run backwards.
 
 Pure and deterministic (no torch, no processes). The coordinator builds a
 :class:`SavePlan` once from the model's metadata and sends it to every rank;
-each rank then derives its own part of every chunk (:func:`contributions`)
-from the plan and the tensors' shardings, so the plan stays the same size
-whatever the world size.
+each rank then derives its own part of each chunk from the plan and the
+tensors' shardings, so the plan stays the same size whatever the world size.
+A rank that holds shards computes only what it sends (:func:`own_parts`,
+a few steps per piece); a file's writer computes who sends it what
+(:func:`contributions`), walking only the ranks whose shards meet each
+piece. No rank looks at every rank's region of every piece.
 
 An output tensor is a *box* of one state-dict tensor (its ``source``): the
 whole tensor for a plain parameter, or for example one expert's rows of a
@@ -110,7 +113,11 @@ class SavePlan:
     shapes: dict[str, tuple[int, ...]]  # every source's global shape
     bucket_bytes: int
     stage: str  # the hidden directory the files are written in, beside the target
-    ranks: tuple[RankInfo, ...] = ()
+    ranks: tuple[RankInfo, ...] = ()  # every rank's place, on the coordinator only: it does not travel
+
+    def __reduce__(self):
+        return SavePlan, (self.world_size, self.tensors, self.files, self.writers, self.chunks, self.shardings,
+                          self.shapes, self.bucket_bytes, self.stage)
 
     @property
     def total_bytes(self) -> int:
@@ -131,18 +138,27 @@ class SavePlan:
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     @cached_property
-    def _layouts(self) -> dict[str, Layout]:
+    def _layouts(self) -> dict:
         return {}
 
     def layout(self, source: str) -> Layout | None:
-        """(any rank) Every rank's region of a DTensor source, computed once per rank; None when plain."""
+        """(any rank) Every rank's region of a DTensor source; None when plain.
+
+        One Layout per distinct (shape, sharding), made on first use: thousands
+        of sources share a few, and each computes its summary once.
+        """
         sh = self.shardings.get(source)
         if sh is None:
             return None
         cache = self._layouts
-        if source not in cache:
-            cache[source] = layout_of(self.shapes[source], sh, self.world_size)
-        return cache[source]
+        got = cache.get(source)
+        if got is None:
+            key = (self.shapes[source], sh)
+            got = cache.get(key)
+            if got is None:
+                got = cache[key] = layout_of(self.shapes[source], sh, self.world_size)
+            cache[source] = got
+        return got
 
     def describe(self) -> str:
         lines = [f"save plan: {len(self.tensors)} tensor(s), {self.total_bytes / 1e9:.3f} GB in {len(self.files)} "
@@ -335,12 +351,17 @@ def local_box(region: tuple, box: Box) -> Box:
 
 
 def contributions(plan: SavePlan, chunk: Chunk) -> dict[int, list[Part]]:
-    """(any rank) Which rank sends which sub-boxes of each piece of a chunk, in the order they travel.
+    """(the chunk's writer) Which rank sends which sub-boxes of each piece, in the order they travel.
 
     A plain source is served whole by the writer. For a DTensor, each distinct
-    region is sent by one of the ranks that hold it: the writer when it is one
-    of them (no traffic), else the lowest. A rank's parts travel as one
-    message, concatenated in this order.
+    region that meets the piece is sent by one of the ranks holding it: the
+    writer when it is one of them (no traffic), else the replica sharing the
+    writer's coordinates on the mesh's replicate dims (so a replicated mesh
+    dim spreads the sending over its replicas as the writers spread). Only
+    the ranks whose region meets the piece are looked at
+    (:meth:`~distload.plan.shard.Layout.meeting`). A rank's parts travel as
+    one message, concatenated in this order, which :func:`own_parts` gives
+    each sender alike.
     """
     out: dict[int, list[Part]] = {}
     for k, piece in enumerate(chunk.pieces):
@@ -349,17 +370,27 @@ def contributions(plan: SavePlan, chunk: Chunk) -> dict[int, list[Part]]:
         if layout is None or layout.replicated:
             out.setdefault(chunk.writer, []).append((k, piece.box))
             continue
-        holders: dict[tuple, list[int]] = {}
-        for r, region in enumerate(layout.regions):
-            if region is not None:
-                holders.setdefault(region, []).append(r)
         covered = 0
-        for region, rs in holders.items():
-            src = chunk.writer if chunk.writer in rs else rs[0]
+        for src, region in layout.meeting(piece.box, replica_of=chunk.writer):
             for sub in sub_boxes(region, piece.box):
                 out.setdefault(src, []).append((k, sub))
                 covered += math.prod(b - a for a, b in sub)
         if covered != math.prod(b - a for a, b in piece.box):
             raise DistLoadError(f"{t.source}: its shards do not cover each element exactly once "
                                 f"(placements {plan.shardings[t.source].placements}); cannot save it")
-    return out
+    return {r: out[r] for r in sorted(out)}
+
+
+def own_parts(plan: SavePlan, chunk: Chunk, rank: int) -> list[Part]:
+    """(a rank other than the chunk's writer) What it sends the writer: its own region's sub-boxes of each
+    piece it is chosen to send (see :func:`contributions`), from its own region alone."""
+    mine: list[Part] = []
+    for k, piece in enumerate(chunk.pieces):
+        layout = plan.layout(plan.tensors[piece.tensor].source)
+        if layout is None or layout.replicated:
+            continue
+        region = layout.regions[rank]
+        if region is None or not layout.sends_own(rank, chunk.writer):
+            continue
+        mine.extend((k, sub) for sub in sub_boxes(region, piece.box))
+    return mine

@@ -12,6 +12,7 @@ same order, which the shared plan guarantees.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import traceback
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import DistLoadError
+from ..plan.control import EXTRA_LENGTH
 
 # Collective timeout (seconds) when distload creates the process group, and each MPI call's deadline.
 DEFAULT_TIMEOUT_S = 300.0
@@ -112,6 +114,59 @@ class Comm(ABC):
         if failed:
             raise DistLoadError.from_failures(phase, failed, {r: got[r][2] for r in failed}) from local
         return [g[0] for g in got]
+
+    def gather_records(self, record: bytes, extra: bytes | None = None,
+                       dst: int = 0) -> list[tuple[bytes, bytes | None]] | None:
+        """(all ranks) ``dst`` gets every rank's ``(record, extra)``, by rank; the others get None.
+
+        ``record`` has the same size on every rank (:mod:`distload.plan.control`)
+        and travels in one fixed-size gather, with the length of the rank's
+        ``extra``; then only the ranks that have an extra (a node's first
+        rank with its names, a failed rank with its error) send it, point to
+        point. Nothing is all-gathered: a rank other than ``dst`` sends one
+        record and receives nothing.
+        """
+        head = record + EXTRA_LENGTH.pack(len(extra or b""))
+        got = self.gather_(_tensor_of(head, self.device), dst)
+        if self.rank != dst:
+            if extra:
+                self.exchange_([(_tensor_of(extra, self.device), dst)], [])
+            return None
+        assert got is not None
+        raw = _bytes_of(got)
+        n = len(head)
+        rows = [raw[r * n : (r + 1) * n] for r in range(self.world_size)]
+        sizes = [EXTRA_LENGTH.unpack_from(row, n - EXTRA_LENGTH.size)[0] for row in rows]
+        recvs = [(torch.empty(size, dtype=torch.uint8, device=self.device), r)
+                 for r, size in enumerate(sizes) if size and r != dst]
+        self.exchange_([], recvs)
+        extras: list[bytes | None] = [None] * self.world_size
+        for buf, r in recvs:
+            extras[r] = _bytes_of(buf)
+        extras[dst] = extra or None
+        return [(row[: n - EXTRA_LENGTH.size], e) for row, e in zip(rows, extras)]
+
+    def collect_(self, data: bytes | None, srcs: list[int], dst: int = 0) -> dict[int, bytes] | None:
+        """(``dst`` and the ranks in ``srcs`` only; not a collective) Each of ``srcs`` sends ``dst`` its ``data``.
+
+        A length, then the bytes, point to point; ``dst`` gets them by rank
+        (its own ``data`` too, if it is one of ``srcs``), the others None.
+        """
+        if self.rank != dst:
+            payload = data or b""
+            self.exchange_([(torch.tensor([len(payload)], dtype=torch.int64, device=self.device), dst)], [])
+            if payload:
+                self.exchange_([(_tensor_of(payload, self.device), dst)], [])
+            return None
+        others = [r for r in srcs if r != dst]
+        lengths = [(torch.zeros(1, dtype=torch.int64, device=self.device), r) for r in others]
+        self.exchange_([], lengths)
+        bufs = [(torch.empty(int(n.item()), dtype=torch.uint8, device=self.device), r) for n, r in lengths]
+        self.exchange_([], [(b, r) for b, r in bufs if b.numel()])
+        out = {r: _bytes_of(b) for b, r in bufs}
+        if dst in srcs:
+            out[dst] = data or b""
+        return out
 
     def broadcast_or_raise(self, phase: str, compute: Callable[[], Any], src: int = 0) -> Any:
         """(all ranks) ``src``'s ``compute()`` on every rank, or ``src``'s error raised on every rank."""
@@ -286,6 +341,15 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
 def forget_groups() -> None:
     """(every rank, at destroy) Drop the cached side groups, so none outlives its world."""
     _CONTROL.clear()
+
+
+def _tensor_of(data: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
 def format_traceback(exc: BaseException) -> str:
