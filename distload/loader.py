@@ -294,8 +294,7 @@ class _Load:
                     bar.close()
             seconds = time.perf_counter() - t0
             self.phase = "finish"
-            report = self._report(plan, bytes_read, chunks, seconds)
-            report.ranks = self._figures(plan, report)
+            report = self._finish(plan, bytes_read, chunks, seconds)
             if self.keys.missing and self.comm.rank == 0:
                 warnings.warn("distload: " + _missing_warning(self.keys.missing), stacklevel=3)
             ok = True
@@ -618,24 +617,30 @@ class _Load:
             buffer_bytes=self.buffer_bytes,
         )
 
-    def _figures(self, plan: LoadPlan, report: LoadReport) -> list[dict]:
-        """(all ranks) Every rank's figures to rank 0 only, as one fixed-size record each.
+    def _finish(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
+        """(all ranks) This rank's report; every rank's figures go to rank 0 only, one fixed-size record each.
 
-        Rank 0 gets one dict per rank (:attr:`LoadReport.ranks`): the numbers
+        Rank 0's :attr:`LoadReport.ranks` gets one dict per rank: the numbers
         from the records; host, node and local rank from the plan phase's;
         files and gathered ops from the plan, which says which rank reads and
-        runs what. The other ranks get an empty list.
+        runs what. The other ranks' ``ranks`` stay empty.
         """
-        error, record = None, b""
+        error, record, report = None, b"", None
         try:
+            report = self._report(plan, bytes_read, chunks, seconds)
             record = LOAD_REPORT.pack(report.bytes_read, report.local_bytes, report.buffer_bytes, report.chunks,
                                       report.peak_rss_bytes // 1024, report.seconds)
         except Exception as e:
             error = e
         self.comm.agree("finish", error)
-        got = self.comm.gather_records(record)
-        if got is None:
-            return []
+        assert report is not None
+        got = self.comm.gather_records(record, extras=False)
+        if got is not None:
+            report.ranks = self._figures(plan, report, got)
+        return report
+
+    def _figures(self, plan: LoadPlan, report: LoadReport, got: list[tuple[bytes, bytes | None]]) -> list[dict]:
+        """(rank 0) One dict of figures per rank, from the records and the plan."""
         files: dict[int, list[str]] = {}
         for f, owner in zip(plan.files, plan.owners):
             files.setdefault(owner, []).append(f.name)

@@ -468,14 +468,22 @@ class _Save:
 
     def report(self, plan: SavePlan, files: dict[int, OutFile], written: int, seconds: float) -> SaveReport:
         """(all ranks) This rank's report; rank 0's also holds every rank's figures, sent as one record each."""
-        info = rank_info(self.comm.rank)
-        report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host, node=info.node_key,
-                            path=str(self.target), files=sorted(plan.files[i].name for i in files),
-                            bytes_written=written, bytes_sent=self.sent, bytes_received=self.received,
-                            total_bytes=sum(f.size for f in plan.files), seconds=seconds,
-                            peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered)
-        got = self.comm.gather_records(SAVE_REPORT.pack(written, self.sent, self.received, self.gathered,
-                                                        report.peak_rss_bytes // 1024, seconds))
+        error, record, report = None, b"", None
+        try:
+            info = rank_info(self.comm.rank)
+            report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host,
+                                node=info.node_key, path=str(self.target),
+                                files=sorted(plan.files[i].name for i in files), bytes_written=written,
+                                bytes_sent=self.sent, bytes_received=self.received,
+                                total_bytes=sum(f.size for f in plan.files), seconds=seconds,
+                                peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered)
+            record = SAVE_REPORT.pack(written, self.sent, self.received, self.gathered,
+                                      report.peak_rss_bytes // 1024, seconds)
+        except Exception as e:
+            error = e
+        self.comm.agree("report", error)
+        assert report is not None
+        got = self.comm.gather_records(record, extras=False)
         if got is not None:
             names: dict[int, list[str]] = {}
             for spec, w in zip(plan.files, plan.writers):

@@ -34,7 +34,7 @@ LOAD_REPORT = struct.Struct("<qqqIId")
 # Finish phase of a save: bytes written, sent and received, chunks gathered, peak RSS in KiB, seconds.
 SAVE_REPORT = struct.Struct("<qqqIId")
 # What gather_records adds to each record: the length of the rank's extra bytes.
-EXTRA_LENGTH = struct.Struct("<Q")
+EXTRA_LENGTH = struct.Struct("<I")
 # A status exchange: one integer, whatever the world.
 STATUS_BYTES = 4
 
@@ -71,7 +71,7 @@ class PlanEntry:
 
 def names_extra(host: str, node: str) -> bytes:
     """The extra a node's local rank 0 sends: its host and node key (one pickle, a few dozen bytes)."""
-    return pickle.dumps((host, node), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((host,) if node == host else (host, node), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def roster(got: list[tuple[bytes, bytes | None]], mine: RankInfo | None) -> tuple[list[PlanEntry], dict, list]:
@@ -87,14 +87,14 @@ def roster(got: list[tuple[bytes, bytes | None]], mine: RankInfo | None) -> tupl
     names = {entries[r].node: pickle.loads(x) for r, (_, x) in enumerate(got) if x and not entries[r].failed}
     places = []
     for r, e in enumerate(entries):
-        host, node = names.get(e.node) or (f"node-{e.node & 0xFFFFFFFFFFFFFFFF:016x}",) * 2
+        host, node = (names[e.node] * 2)[:2] if e.node in names else (f"node-{e.node & 0xFFFFFFFFFFFFFFFF:016x}",) * 2
         places.append(RankInfo(r, host, e.local_rank, node))
     if places and mine is not None:
         places[0] = mine
     return entries, failures, places
 
 
-def record_bytes(world: int, record: struct.Struct) -> tuple[int, int]:
-    """(bytes a rank sends, bytes rank 0 receives) for one gather of ``record`` over ``world`` ranks."""
-    size = record.size + EXTRA_LENGTH.size
-    return size, size * world
+def record_bytes(world: int, record: struct.Struct, extras: bool = True) -> tuple[int, int]:
+    """(bytes a rank sends, bytes rank 0 receives from the others) for one gather of ``record``."""
+    size = record.size + (EXTRA_LENGTH.size if extras else 0)
+    return size, size * (world - 1)

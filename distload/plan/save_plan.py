@@ -20,6 +20,7 @@ then writes it at its offset.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -30,7 +31,7 @@ from functools import cached_property
 from ..errors import DistLoadError
 from .items import RankInfo
 from .load_plan import assign_files
-from .shard import Layout, Sharding, intersect, layout_of, position
+from .shard import Layout, Sharding, clipped_boxes, layout_of, position
 
 Box = tuple[tuple[int, int], ...]  # [start, end) along every dim of the source tensor
 Part = tuple[int, Box]  # (piece index in its chunk, sub-box in source coordinates)
@@ -160,6 +161,16 @@ class SavePlan:
             cache[source] = got
         return got
 
+    def own_region(self, tensor: int, rank: int):
+        """(any rank) ``rank``'s region of output tensor ``tensor``'s source when it may send shards of it:
+        None for plain and fully replicated sources (the writer has those) and where it holds nothing."""
+        cache = self.__dict__.setdefault("_own", {})
+        key = (tensor, rank)
+        if key not in cache:
+            layout = self.layout(self.tensors[tensor].source)
+            cache[key] = None if layout is None or layout.replicated else layout.regions[rank]
+        return cache[key]
+
     def describe(self) -> str:
         lines = [f"save plan: {len(self.tensors)} tensor(s), {self.total_bytes / 1e9:.3f} GB in {len(self.files)} "
                  f"file(s), {len(self.chunks)} chunk(s) of <= {self.bucket_bytes >> 20} MiB "
@@ -276,20 +287,16 @@ def chunk_file(file_idx: int, spec: FileSpec, writer: int, tensors: tuple[OutTen
 
 
 def interleave(streams: dict[int, list[Chunk]]) -> tuple[Chunk, ...]:
-    """Merge per-writer chunk lists, always next from the writer given the fewest bytes so far,
-    so every writer's disk stays busy while the others' chunks travel."""
-    given = {w: 0 for w in streams}
-    pos = {w: 0 for w in streams}
+    """Merge per-writer chunk lists, always next from the writer given the fewest bytes so far (ties to the
+    lowest rank), so every writer's disk stays busy while the others' chunks travel."""
+    heap = [(0, w, 0) for w in sorted(streams) if streams[w]]  # (bytes given, writer, next position)
     out: list[Chunk] = []
-    live = [w for w in sorted(streams) if streams[w]]
-    while live:
-        w = min(live, key=lambda x: (given[x], x))
-        c = streams[w][pos[w]]
+    while heap:
+        given, w, pos = heapq.heappop(heap)
+        c = streams[w][pos]
         out.append(c)
-        given[w] += c.nbytes
-        pos[w] += 1
-        if pos[w] == len(streams[w]):
-            live.remove(w)
+        if pos + 1 < len(streams[w]):
+            heapq.heappush(heap, (given + c.nbytes, w, pos + 1))
     return tuple(out)
 
 
@@ -329,16 +336,7 @@ def build_plan(tensors: list[OutTensor], shardings: dict[str, Sharding], shapes:
 
 def sub_boxes(region: tuple, box: Box) -> list[Box]:
     """The intersection of a rank's region (sorted ranges per dim) with a box, as boxes in row-major order."""
-    per_dim = []
-    for ranges, (a, b) in zip(region, box):
-        got = intersect(ranges, a, b)
-        if not got:
-            return []
-        per_dim.append(got)
-    out: list[Box] = [()]
-    for got in per_dim:
-        out = [prev + (iv,) for prev in out for iv in got]
-    return out
+    return clipped_boxes(region, box)
 
 
 def local_box(region: tuple, box: Box) -> Box:
@@ -370,12 +368,14 @@ def contributions(plan: SavePlan, chunk: Chunk) -> dict[int, list[Part]]:
         if layout is None or layout.replicated:
             out.setdefault(chunk.writer, []).append((k, piece.box))
             continue
-        covered = 0
-        for src, region in layout.meeting(piece.box, replica_of=chunk.writer):
-            for sub in sub_boxes(region, piece.box):
-                out.setdefault(src, []).append((k, sub))
-                covered += math.prod(b - a for a, b in sub)
-        if covered != math.prod(b - a for a, b in piece.box):
+        hits, exact = layout.boxes_meeting(piece.box, replica_of=chunk.writer)
+        for src, sub in hits:
+            got = out.get(src)
+            if got is None:
+                got = out[src] = []
+            got.append((k, sub))
+        if not exact and sum(math.prod(b - a for a, b in sub) for _, sub in hits) != \
+                math.prod(b - a for a, b in piece.box):
             raise DistLoadError(f"{t.source}: its shards do not cover each element exactly once "
                                 f"(placements {plan.shardings[t.source].placements}); cannot save it")
     return {r: out[r] for r in sorted(out)}
@@ -386,11 +386,7 @@ def own_parts(plan: SavePlan, chunk: Chunk, rank: int) -> list[Part]:
     piece it is chosen to send (see :func:`contributions`), from its own region alone."""
     mine: list[Part] = []
     for k, piece in enumerate(chunk.pieces):
-        layout = plan.layout(plan.tensors[piece.tensor].source)
-        if layout is None or layout.replicated:
-            continue
-        region = layout.regions[rank]
-        if region is None or not layout.sends_own(rank, chunk.writer):
-            continue
-        mine.extend((k, sub) for sub in sub_boxes(region, piece.box))
+        region = plan.own_region(piece.tensor, rank)
+        if region is not None and plan.layout(plan.tensors[piece.tensor].source).sends_own(rank, chunk.writer):
+            mine.extend((k, sub) for sub in sub_boxes(region, piece.box))
     return mine

@@ -14,6 +14,16 @@ from .load_plan import LoadPlan
 from .shard_plan import ScatterChunk
 
 BROADCAST, SCATTER, SLICE = "broadcast", "scatter", "slice"
+# On CPU, data steps per status exchange: every rank exchanges status before every AGREE_EVERY-th
+# broadcast or scatter step (whether it takes part in the step or not), so a failure is agreed at
+# most this many steps late, which bounds the extra work, never a wait.
+AGREE_EVERY = 16
+
+
+def status_exchanges(steps: tuple[Step, ...], every: int = AGREE_EVERY) -> int:
+    """How many status exchanges the transfer loop runs on ``steps`` (the same on every rank), its last included."""
+    data = sum(1 for s in steps if s.kind != SLICE)
+    return -(-data // every) + 1
 
 
 @dataclass(frozen=True)

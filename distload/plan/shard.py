@@ -15,6 +15,7 @@ row-major gather of ``region[0] x region[1] x ...`` in increasing order.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -323,8 +324,38 @@ class Layout:
                 first[region] = r
         return sorted(((r, region) for region, r in first.items()), key=lambda hit: hit[0])
 
+    def boxes_meeting(self, box: Box, replica_of: int | None = None) -> tuple[list[tuple[int, Box]], bool]:
+        """(any rank) Each rank's region clipped to ``box``, as boxes, picked as :meth:`meeting` picks ranks.
+
+        Returns ``(hits, exact)``: ``(rank, sub-box)`` pairs sorted by rank
+        (a rank with several intervals along a dim gets one box per
+        combination, in row-major order), and whether the boxes are known to
+        cover ``box`` exactly once (every separable layout: then callers need
+        not count). For a separable layout each rank's box comes from its
+        coordinates' pieces clipped once per mesh coordinate, not per rank.
+        """
+        regions = self.regions
+        if isinstance(regions, LazyRegions) and _separable(regions.sharding) and replica_of is not None:
+            sh = regions.sharding
+            if len(box) != len(self.shape) or any(lo >= hi for lo, hi in box):
+                return [], True
+            strides = [math.prod(sh.mesh_shape[j + 1:]) for j in range(len(sh.mesh_shape))]
+            return _separable_meeting(self.shape, sh, box, regions.world, _replica(sh, replica_of), strides,
+                                      clip=True), True
+        out: list[tuple[int, Box]] = []
+        for rank, region in self.meeting(box, replica_of):
+            out.extend((rank, sub) for sub in clipped_boxes(region, box))
+        return out, False
+
     def sends_own(self, rank: int, replica_of: int) -> bool:
         """(any rank) Whether ``meeting(..., replica_of)`` picks ``rank`` for its own region: O(mesh dims)."""
+        cache = self.__dict__.setdefault("_sends", {})
+        got = cache.get((rank, replica_of))
+        if got is None:
+            got = cache[(rank, replica_of)] = self._sends_own(rank, replica_of)
+        return got
+
+    def _sends_own(self, rank: int, replica_of: int) -> bool:
         regions = self.regions
         if isinstance(regions, UnionRegions):
             part = _chosen_part(regions, replica_of)
@@ -485,15 +516,28 @@ def _split(pl: Placement, cur: Ranges, k: int, i: int) -> Ranges:
     return merge(parts)
 
 
-def _coords(pl: Placement, cur: Ranges, k: int, lo: int, hi: int) -> range:
+def _coords(pl: Placement, cur: Ranges, k: int, lo: int, hi: int) -> range | list[int]:
     """The coordinates along one mesh dim whose piece of ``cur`` can meet ``[lo, hi)``.
 
-    In closed form for ``Shard`` of one interval (the usual case: a bisection,
-    not a walk over the ``k`` pieces); every coordinate otherwise.
+    In closed form when ``cur`` is one interval (the usual case: a bisection
+    per piece, not a walk over the ``k`` pieces): ``Shard`` cuts it into
+    ``k`` pieces, ``_StridedShard`` first into ``split`` parts of ``k``
+    pieces each. Every coordinate otherwise.
     """
-    if pl.kind != "shard" or len(cur) != 1:
+    if len(cur) != 1 or pl.kind not in ("shard", "strided"):
         return range(k)
     a0, b0 = cur[0]
+    if pl.kind == "shard":
+        return _coord_range(a0, b0, k, lo, hi)
+    got: set[int] = set()
+    for j in range(pl.split):
+        pa, pb = chunk_bounds(b0 - a0, pl.split, j)
+        got.update(_coord_range(a0 + pa, a0 + pb, k, lo, hi))
+    return sorted(got)
+
+
+def _coord_range(a0: int, b0: int, k: int, lo: int, hi: int) -> range:
+    """The pieces of ``[a0, b0)`` cut ``k`` ways (as ``torch.chunk``) that can meet ``[lo, hi)``."""
     a, b = max(lo, a0), min(hi, b0)
     if a >= b:
         return range(0)
@@ -523,6 +567,8 @@ def regions_meeting(shape: tuple[int, ...], sharding: Sharding, box: Box, world:
     if len(box) != len(shape) or any(lo >= hi for lo, hi in box):
         return []
     strides = [math.prod(mesh_shape[j + 1:]) for j in range(len(mesh_shape))]
+    if _separable(sharding):
+        return _separable_meeting(shape, sharding, box, world, replica, strides)
     out: list[tuple[int, Region]] = []
     region = [full_ranges(n) for n in shape]
 
@@ -547,6 +593,91 @@ def regions_meeting(shape: tuple[int, ...], sharding: Sharding, box: Box, world:
         region[pl.dim] = cur
 
     walk(0, 0)
+    out.sort(key=lambda hit: hit[0])
+    return out
+
+
+def clipped_boxes(region: Region, box: Box) -> list[Box]:
+    """A region (sorted ranges per dim) clipped to a box, as boxes in row-major order."""
+    if all(len(r) == 1 for r in region):  # one interval per dim: one box at most
+        out = []
+        for ((a, b),), (lo, hi) in zip(region, box):
+            a, b = max(a, lo), min(b, hi)
+            if a >= b:
+                return []
+            out.append((a, b))
+        return [tuple(out)]
+    per_dim = []
+    for ranges, (a, b) in zip(region, box):
+        got = intersect(ranges, a, b)
+        if not got:
+            return []
+        per_dim.append(got)
+    boxes: list[Box] = [()]
+    for got in per_dim:
+        boxes = [prev + (iv,) for prev in boxes for iv in got]
+    return boxes
+
+
+def _separable(sharding: Sharding) -> bool:
+    """Every mesh dim replicates or shards its own tensor dim: a region is one interval per dim, in closed form."""
+    got = sharding.__dict__.get("_separable")
+    if got is None:
+        dims = [pl.dim for pl in sharding.placements if pl.kind != "replicate"]
+        got = all(pl.kind in ("shard", "replicate") for pl in sharding.placements) and len(dims) == len(set(dims))
+        object.__setattr__(sharding, "_separable", got)
+    return got
+
+
+def _separable_meeting(shape: tuple[int, ...], sharding: Sharding, box: Box, world: int,
+                       replica: dict[int, int] | None, strides: list[int], clip: bool = False) -> list:
+    """:func:`regions_meeting` for a separable sharding: per mesh dim, the coordinates whose piece meets the
+    box, in closed form, then their product (a step per rank returned). With ``clip``, each rank's region
+    clipped to the box, as one box (``Box``, not ``Region``)."""
+    split = {pl.dim: j for j, pl in enumerate(sharding.placements) if pl.kind == "shard"}
+    for d, (n, (lo, hi)) in enumerate(zip(shape, box)):
+        if d not in split and not (n > 0 and lo < n and hi > 0):
+            return []
+    options: list[list[tuple[int, int, Interval | None]]] = []  # per mesh dim: (coordinate, flat step, piece)
+    for j, pl in enumerate(sharding.placements):
+        k = sharding.mesh_shape[j]
+        if pl.kind == "replicate":
+            options.append([(c, c * strides[j], None) for c in (range(k) if replica is None else (replica[j],))])
+            continue
+        n = shape[pl.dim]
+        lo, hi = max(box[pl.dim][0], 0), min(box[pl.dim][1], n)
+        size = -(-n // k) if n else 0
+        if not size or lo >= hi:
+            return []
+        got = []
+        for c in range(lo // size, min(k - 1, (hi - 1) // size) + 1):
+            a, b = c * size, min(c * size + size, n)
+            if clip:
+                a, b = max(a, lo), min(b, hi)
+            if a < b:
+                got.append((c, c * strides[j], (a, b)))
+        options.append(got)
+    base: list = list(box) if clip else [full_ranges(n) for n in shape]
+    out: list[tuple[int, Region]] = []
+    mesh = sharding.mesh
+    pieces = [(pl.dim if pl.kind == "shard" else -1) for pl in sharding.placements]
+    if len(options) == 1:  # a 1-D mesh, the usual FSDP case: no product to build
+        d = pieces[0]
+        for _, flat, iv in options[0]:
+            rank = mesh[flat]
+            if rank < world:
+                if d >= 0:
+                    base[d] = iv if clip else (iv,)
+                out.append((rank, tuple(base)))
+    else:
+        for combo in itertools.product(*options):
+            rank = mesh[sum(step for _, step, _ in combo)]
+            if rank < world:
+                region = list(base)
+                for d, (_, _, iv) in zip(pieces, combo):
+                    if d >= 0:
+                        region[d] = iv if clip else (iv,)
+                out.append((rank, tuple(region)))
     out.sort(key=lambda hit: hit[0])
     return out
 

@@ -62,14 +62,11 @@ from ..io.stage import CopyStage
 from ..model.place import Placement
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
-from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
+from ..plan.schedule import AGREE_EVERY, BROADCAST, SCATTER, SLICE, Step, schedule
 from ..plan.shard_plan import Part, ScatterChunk
 from ..transport.comm import Comm
 from .scatter import message_span, pack
 
-# On CPU, data collectives per status exchange. A failure is agreed at most
-# this many collectives late, which bounds the extra work, never a wait.
-AGREE_EVERY = 16
 
 
 def transfer(comm: Comm, plan: LoadPlan, placement: Placement, fds: dict[int, int],

@@ -115,36 +115,39 @@ class Comm(ABC):
             raise DistLoadError.from_failures(phase, failed, {r: got[r][2] for r in failed}) from local
         return [g[0] for g in got]
 
-    def gather_records(self, record: bytes, extra: bytes | None = None,
-                       dst: int = 0) -> list[tuple[bytes, bytes | None]] | None:
+    def gather_records(self, record: bytes, extra: bytes | None = None, dst: int = 0,
+                       extras: bool = True) -> list[tuple[bytes, bytes | None]] | None:
         """(all ranks) ``dst`` gets every rank's ``(record, extra)``, by rank; the others get None.
 
         ``record`` has the same size on every rank (:mod:`distload.plan.control`)
         and travels in one fixed-size gather, with the length of the rank's
-        ``extra``; then only the ranks that have an extra (a node's first
-        rank with its names, a failed rank with its error) send it, point to
-        point. Nothing is all-gathered: a rank other than ``dst`` sends one
-        record and receives nothing.
+        ``extra`` unless ``extras`` is False (then no rank has one); then
+        only the ranks that have an extra (a node's first rank with its
+        names, a failed rank with its error) send it, point to point.
+        Nothing is all-gathered: a rank other than ``dst`` sends one record
+        and receives nothing.
         """
-        head = record + EXTRA_LENGTH.pack(len(extra or b""))
+        head = record + EXTRA_LENGTH.pack(len(extra or b"")) if extras else record
         got = self.gather_(_tensor_of(head, self.device), dst)
         if self.rank != dst:
-            if extra:
+            if extras and extra:
                 self.exchange_([(_tensor_of(extra, self.device), dst)], [])
             return None
         assert got is not None
         raw = _bytes_of(got)
         n = len(head)
         rows = [raw[r * n : (r + 1) * n] for r in range(self.world_size)]
+        if not extras:
+            return [(row, None) for row in rows]
         sizes = [EXTRA_LENGTH.unpack_from(row, n - EXTRA_LENGTH.size)[0] for row in rows]
         recvs = [(torch.empty(size, dtype=torch.uint8, device=self.device), r)
                  for r, size in enumerate(sizes) if size and r != dst]
         self.exchange_([], recvs)
-        extras: list[bytes | None] = [None] * self.world_size
+        out: list[bytes | None] = [None] * self.world_size
         for buf, r in recvs:
-            extras[r] = _bytes_of(buf)
-        extras[dst] = extra or None
-        return [(row[: n - EXTRA_LENGTH.size], e) for row, e in zip(rows, extras)]
+            out[r] = _bytes_of(buf)
+        out[dst] = extra or None
+        return [(row[: n - EXTRA_LENGTH.size], e) for row, e in zip(rows, out)]
 
     def collect_(self, data: bytes | None, srcs: list[int], dst: int = 0) -> dict[int, bytes] | None:
         """(``dst`` and the ranks in ``srcs`` only; not a collective) Each of ``srcs`` sends ``dst`` its ``data``.
