@@ -38,10 +38,13 @@ def _ranks(world: int) -> list[RankInfo]:
     return [RankInfo(r, f"node{r // 2}", r % 2) for r in range(world)]
 
 
-def _random_sharding(rng: random.Random, world: int, ndim: int) -> Sharding:
-    """A 1-D or 2-D mesh over some or all ranks, with Shard, strided Shard or Replicate placements."""
-    if world >= 4 and rng.random() < 0.4:
-        mesh_shape = (2, world // 2)
+def _random_sharding(rng: random.Random, world: int, ndim: int, any_order: bool = False) -> Sharding:
+    """A 1-D or 2-D mesh over some or all ranks, with Shard, strided Shard or Replicate placements.
+
+    ``any_order``: meshes of either orientation whose ranks are in any order, not sorted.
+    """
+    if world >= 4 and rng.random() < (0.5 if any_order else 0.4):
+        mesh_shape = (world // 2, 2) if any_order and rng.random() < 0.5 else (2, world // 2)
     else:
         mesh_shape = (rng.randint(1, world),)
     size = math.prod(mesh_shape)
@@ -50,13 +53,14 @@ def _random_sharding(rng: random.Random, world: int, ndim: int) -> Sharding:
     places = []
     for _ in mesh_shape:
         c = rng.random()
-        if c < 0.2:
+        if c < (0.25 if any_order else 0.2):
             places.append(Placement("replicate"))
         elif c < 0.85:
             places.append(Placement("shard", rng.randrange(ndim)))
         else:
             places.append(Placement("strided", rng.randrange(ndim), rng.randint(2, 3)))
-    return Sharding(tuple(sorted(ranks[:size])), mesh_shape, tuple(places))
+    mesh = ranks[:size] if any_order else sorted(ranks[:size])
+    return Sharding(tuple(mesh), mesh_shape, tuple(places))
 
 
 def _random_checkpoint(rng: random.Random, world: int):

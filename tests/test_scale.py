@@ -21,6 +21,7 @@ from distload.plan.save_plan import OutTensor, contributions, own_parts
 from distload.plan.save_plan import build_plan as build_save_plan
 from distload.plan.shard import Layout, LazyRegions, Placement, Sharding, _meets_box, layout_of
 from distload.plan.shard_plan import build_shard_plan
+from test_plan_size import _random_sharding
 
 BUCKET = 64 << 20
 WORLDS = (8, 128, 1024, 16384)
@@ -166,32 +167,13 @@ def test_a_save_sender_works_out_its_parts_from_its_own_region_only_at_world_163
     assert sent > 0 and set().union(*(r.seen for r in seen.values())) == {808}
 
 
-def _random_sharding(rng: random.Random, world: int, ndim: int) -> Sharding:
-    if world >= 4 and rng.random() < 0.5:
-        mesh_shape = (2, world // 2) if rng.random() < 0.5 else (world // 2, 2)
-    else:
-        mesh_shape = (rng.randint(1, world),)
-    ranks = list(range(world))
-    rng.shuffle(ranks)
-    places = []
-    for _ in mesh_shape:
-        c = rng.random()
-        if c < 0.25:
-            places.append(Placement("replicate"))
-        elif c < 0.85:
-            places.append(Placement("shard", rng.randrange(ndim)))
-        else:
-            places.append(Placement("strided", rng.randrange(ndim), rng.randint(2, 3)))
-    return Sharding(tuple(ranks[: math.prod(mesh_shape)]), mesh_shape, tuple(places))
-
-
 def test_layout_meeting_finds_exactly_the_ranks_whose_region_meets_a_box():
     rng = random.Random(7)
     for _ in range(3000):
         world = rng.randint(1, 9)
         ndim = rng.randint(1, 3)
         shape = tuple(rng.choice([0, 1, 3, 5, 8, 13, 33]) for _ in range(ndim))
-        parts = [_random_sharding(rng, world, ndim)]
+        parts = [_random_sharding(rng, world, ndim, any_order=True)]
         if world >= 4 and rng.random() < 0.2:  # two disjoint meshes, each holding the tensor once
             half = world // 2
             parts = [Sharding(tuple(range(half)), (half,), (Placement("shard", 0),)),
@@ -220,7 +202,7 @@ def test_each_save_sender_derives_alone_what_the_writer_expects_of_it():
             shape = tuple(rng.choice([1, 3, 5, 8, 13]) for _ in range(ndim))
             outs.append(OutTensor(f"t{i}", f"t{i}", rng.choice(["F32", "BF16"]), shape, tuple((0, n) for n in shape)))
             if rng.random() < 0.85:
-                shardings[f"t{i}"] = _random_sharding(rng, world, ndim)
+                shardings[f"t{i}"] = _random_sharding(rng, world, ndim, any_order=True)
         plan = build_save_plan(outs, shardings, {o.name: o.shape for o in outs}, _ranks(world, 2),
                                max_shard_size=rng.choice([64, 10**6]), bucket_bytes=rng.choice([64, 256, 1 << 20]),
                                stage="/x")
