@@ -1,6 +1,44 @@
-"""The one exception type distload raises, on every rank alike."""
+"""The one exception type distload raises, on every rank alike, and the clipping that keeps its text short.
+
+Note on size:
+    An error's text travels to every rank (the agreement gathers each failing
+    rank's message and traceback) and ends up in every rank's log. So a list
+    of names in a message shows the first :data:`NAMES_SHOWN` and a count
+    (:func:`clip_names`), an agreed error lists at most :data:`CAUSES_SHOWN`
+    distinct causes, and every message and traceback that leaves its rank is
+    cut to :data:`MAX_MESSAGE` / :data:`MAX_TRACEBACK` characters
+    (:func:`clip_text`), keeping its start and its end.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+NAMES_SHOWN = 20  # names listed in one message, before "... (N more)"
+CAUSES_SHOWN = 16  # distinct per-rank causes listed in one agreed error
+MAX_MESSAGE = 4000  # characters of one rank's message
+MAX_TRACEBACK = 20000  # characters of one rank's traceback
+
+
+def clip_names(names: Iterable[str], limit: int = NAMES_SHOWN, sep: str = ", ") -> str:
+    """``a, b, c`` for short lists; the first ``limit`` names and ``... (N more)`` for long ones."""
+    shown: list[str] = []
+    rest = 0
+    for n in names:
+        if len(shown) < limit:
+            shown.append(str(n))
+        else:
+            rest += 1
+    return sep.join(shown) + (f"{sep}... ({rest} more)" if rest else "")
+
+
+def clip_text(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to about ``limit`` characters, keeping its start and its end (where a traceback's
+    exception line is)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} ... [{len(text) - 2 * half} characters clipped] ... {text[-half:]}"
 
 
 class DistLoadError(RuntimeError):
@@ -31,13 +69,17 @@ class DistLoadError(RuntimeError):
     def from_failures(cls, phase: str, failures: dict[int, str],
                       tracebacks: dict[int, str] | None = None) -> "DistLoadError":
         ranks = sorted(failures)
-        lines = [f"distload {phase} failed on rank(s) {', '.join(map(str, ranks))}:"]
+        lines = [f"distload {phase} failed on rank(s) {_ranges(ranks)}:"]
         # Identical causes on many ranks (a bad header seen by all) print once.
         by_msg: dict[str, list[int]] = {}
         for r in ranks:
             by_msg.setdefault(failures[r], []).append(r)
-        for msg, rs in by_msg.items():
-            lines.append(f"  {_who(rs)}: {msg}")
+        for msg, rs in list(by_msg.items())[:CAUSES_SHOWN]:
+            lines.append(f"  {_who(rs)}: {clip_text(msg)}")
+        if len(by_msg) > CAUSES_SHOWN:
+            others = sum(len(rs) for rs in list(by_msg.values())[CAUSES_SHOWN:])
+            lines.append(f"  ... and {len(by_msg) - CAUSES_SHOWN} other cause(s) on {others} rank(s) "
+                         "(err.failures holds every one)")
         return cls("\n".join(lines), phase=phase, failures=failures, agreed=True, tracebacks=tracebacks)
 
     def one_line(self) -> str:
@@ -55,8 +97,10 @@ class DistLoadError(RuntimeError):
         what = f"{self.phase} failed" if self.phase else "failed"
         if len(by_msg) == 1:
             ((msg, ranks),) = by_msg.items()
-            return f"{what} on {_who(ranks)}: {_joined(msg)}"
-        causes = "; ".join(f"{_who(rs)}: {_joined(m)}" for m, rs in by_msg.items())
+            return f"{what} on {_who(ranks)}: {_joined(clip_text(msg))}"
+        causes = "; ".join(f"{_who(rs)}: {_joined(clip_text(m))}" for m, rs in list(by_msg.items())[:CAUSES_SHOWN])
+        if len(by_msg) > CAUSES_SHOWN:
+            causes += f"; ... and {len(by_msg) - CAUSES_SHOWN} other cause(s)"
         return f"{what} on {_who(sorted(self.failures))}: {causes}"
 
 

@@ -26,9 +26,9 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import DistLoadError, add_context
+from .errors import DistLoadError, add_context, clip_names
 from .format.discover import local_root, resolve_checkpoint
-from .format.dtypes import plan_dtypes
+from .format.dtypes import check_converted, plan_dtypes
 from .format.header import read_checkpoint
 from .io.reader import check_io_threads, open_verified
 from .model.convert import KeyedPlacement, Region, keyed_placement
@@ -266,10 +266,14 @@ class _Load:
             self.phase = "open"
             error = None
             step = f"allocating this rank's tensors on {self.device}"
+            target_layouts: dict[str, Layout] = {}
             try:
                 placement = self._placement(plan)
                 step = "opening this rank's files"
                 self._open_files(plan, fds)
+                if self.keys.gathered:  # agreed here, so no rank meets a failure alone inside the ops' collectives
+                    step = "finding where converted DTensors' pieces go"
+                    target_layouts = self._target_layouts()
             except Exception as e:
                 error = add_context(e, step)
             self.comm.agree("open", error)
@@ -283,7 +287,7 @@ class _Load:
                 if isinstance(placement, KeyedPlacement):  # each gathered op on its rank, then its results
                     self.phase = "convert"
                     got, n, buffers, self.ops_run = run_gathered(self.comm, plan, self.keys.gathered, placement,
-                                                                 fds, self._target_layouts(),
+                                                                 fds, target_layouts,
                                                                  io_threads=self.io_threads,
                                                                  ranks_here=self.ranks_here, progress=bar)
                     bytes_read, chunks = bytes_read + got, chunks + n
@@ -343,7 +347,8 @@ class _Load:
                 self.path = resolve_checkpoint(self.path, self.revision)
             sig = model_signature(self.model) if self.model is not None else {}
             digest = hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
-            args = load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb, self.subset)
+            args = load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb, self.subset,
+                                  self.device)
             group = comm.group if isinstance(comm, TorchComm) else None
             view = submesh_view(self.model, group, comm.world_size) if self.model is not None else None
             info = rank_info(rank)
@@ -492,15 +497,16 @@ class _Load:
         shapes = {t.name: tuple(t.shape) for f in ckpt.files for t in f.tensors}
         keys = build_key_map(self.model, shapes, key_map=self.key_hook)
         params = {k: (v.dtype, isinstance(v, nn.Parameter)) for k, v in self.model.state_dict(keep_vars=True).items()}
-        plan_dtypes({t.name: t.dtype for f in ckpt.files for t in f.tensors},  # refusals name the key
-                    {k: params[r.target] for k, r in keys.routes.items()}, self.dtype)
+        stored = {t.name: t.dtype for f in ckpt.files for t in f.tensors}
+        plan_dtypes(stored, {k: params[r.target] for k, r in keys.routes.items()}, self.dtype)  # refusals name the key
+        check_converted(stored, [(g.op, g.sources, g.targets) for g in keys.gathered], params, self.dtype)
         unexpected = () if self.subset else keys.unexpected
         if self.strict and (keys.missing or unexpected):
             parts = []
             if keys.missing:
-                parts.append(f"missing keys ({len(keys.missing)}): {', '.join(keys.missing)}")
+                parts.append(f"missing keys ({len(keys.missing)}): {clip_names(keys.missing)}")
             if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+                parts.append(f"unexpected keys ({len(unexpected)}): {clip_names(unexpected)}")
             hint = "pass strict=False to load what matches"
             if unexpected and not keys.missing:
                 hint += ", or subset=True if the model holds part of the checkpoint"
@@ -508,7 +514,7 @@ class _Load:
         unfilled = meta_buffers_not_loaded(self.model, set(keys.filled))
         if unfilled:
             raise DistLoadError(
-                f"buffers {unfilled} are on the meta device and the checkpoint does not hold them; "
+                f"buffers {clip_names(unfilled)} are on the meta device and the checkpoint does not hold them; "
                 "build the model under distload.empty_init(), which keeps buffers real")
         return keys
 
@@ -665,7 +671,7 @@ class _Load:
 
 def _missing_warning(missing: tuple[str, ...]) -> str:
     return (f"{len(missing)} model key(s) are not in the checkpoint and were not loaded "
-            f"(zero-filled where they had no values): {', '.join(missing)}")
+            f"(zero-filled where they had no values): {clip_names(missing)}")
 
 
 def _progress_bar(total: int):

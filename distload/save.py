@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         report = save_checkpoint(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype,
                                  bucket_mb=args.bucket_mb)
     except DistLoadError as e:
-        print(f"distload.save: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"distload.save: {e.one_line()}", file=sys.stderr)
         return 1
     if report.rank == 0:
         print(report.summary())

@@ -23,6 +23,7 @@ class SaveReport:
     seconds: float
     peak_rss_bytes: int = 0
     chunks: int = 0  # chunks gathered from shards (each one transfer to its file's writer)
+    warnings: list[str] = field(default_factory=list)  # rank 0: e.g. a previous checkpoint's folder left behind
     ranks: list[dict] = field(default_factory=list)
 
     @property
@@ -42,4 +43,5 @@ class SaveReport:
             lines.append(f"  rank {r['rank']:>3} {r.get('node') or r['host']}  wrote {r['bytes_written'] / 1e9:7.3f} GB "
                          f"in {len(r['files'])} file(s)  sent {r['bytes_sent'] / 1e9:6.3f} GB  "
                          f"received {r['bytes_received'] / 1e9:6.3f} GB  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -5,8 +5,9 @@ safetensors checkpoint from a replicated, FSDP2, tensor-parallel or 2-D mesh
 model. Files are spread over ranks (balanced by bytes, nodes first); a
 DTensor's pieces travel point to point to the writer of their file, each
 rank sending exactly the elements it holds; plain tensors are written by the
-writer from its own memory. See :mod:`distload.io.writer` for how the result
-appears atomically.
+writer from its own memory. See :mod:`distload.io.writer` for staging and
+:mod:`distload.io.commit` for how the result replaces the folder, and what a
+failure leaves there.
 
 The CLI (load a checkpoint, save it again) is :mod:`distload.save`.
 """
@@ -21,6 +22,7 @@ import os
 import pickle
 import secrets
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,13 +30,14 @@ from torch import nn
 
 from .errors import DistLoadError, add_context
 from .format.dtypes import TORCH_DTYPES
+from .io.commit import CommitError, commit_directory, observe, resolve_target, stage_identity
 from .io.writer import (
     OutFile,
     StagingPool,
     WriteQueue,
-    commit,
     remove_stage,
     stage_dir,
+    target_of,
     write_all,
     write_small,
 )
@@ -93,7 +96,8 @@ def save_checkpoint(
         model: a plain, DDP-style replicated, FSDP2, tensor-parallel or 2-D mesh model;
             every non-meta tensor of its state dict is written (non-persistent buffers are not).
         path: the checkpoint directory. An existing checkpoint there is replaced only once the
-            new one is complete; its other files (a tokenizer, a README) are kept.
+            new one is complete; its other files (a tokenizer, a README) are kept. A symlink is
+            followed: the save replaces the checkpoint in the folder it points to, and the link stays.
         max_shard_size: the largest file, as bytes or ``"5GB"`` / ``"500MiB"``
             (a single larger tensor gets a file of its own, as in transformers).
         dtype: cast floating-point tensors to this dtype as they are written.
@@ -104,7 +108,8 @@ def save_checkpoint(
         comm: ``"torch"`` (torch.distributed) or ``"mpi"`` (mpi4py) transport.
 
     Any failure on any rank raises the same :class:`DistLoadError` on every rank,
-    and leaves no index and no temporary file.
+    and leaves no index and no temporary file. A failure while rank 0 swaps the new
+    checkpoint in says what the folder holds now (see :mod:`distload.io.commit`).
 
     Example::
 
@@ -144,6 +149,14 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _noted(err: DistLoadError, rank: int, note: str) -> DistLoadError:
+    """``err`` with ``note`` (what the target holds) added to its message and to this rank's cause."""
+    failures = dict(err.failures)
+    failures[rank] = f"{failures.get(rank, str(err))}; {note}"
+    return DistLoadError(f"{err}\n  {note}", phase=err.phase, failures=failures, agreed=err.agreed,
+                         tracebacks=err.tracebacks)
+
+
 def _contiguous_within(sub, box) -> int | None:
     """Element offset of ``sub`` inside ``box`` when ``sub`` is one contiguous run of ``box``'s
     row-major order, else None."""
@@ -169,7 +182,11 @@ class _Save:
         self.error: BaseException | None = None  # a local failure, agreed on at the next check
         self.sent = self.received = self.gathered = 0
         self.tensors: dict[str, torch.Tensor] = {}
-        self.stage: Path | None = None  # rank 0: the staging directory it created
+        self.stage: Path | None = None  # rank 0: the staging directory it created, until the commit takes it
+        self.plan_stage: str | None = None  # the staging directory, from the plan
+        self.stage_id: tuple[int, int] | None = None  # the staging directory's (device, inode), as seen here
+        self.outcome: str | None = None  # what the target holds, once this rank knows (commit onwards)
+        self.warnings: list[str] = []
         self.roster: list = []  # rank 0: every rank's place, from the plan phase's records
 
     def run(self) -> SaveReport:
@@ -180,9 +197,11 @@ class _Save:
         ok = False
         try:
             plan = self.make_plan()
+            self.plan_stage = plan.stage
             self.phase = "open"
             err = None
             try:
+                self.stage_id = stage_identity(Path(plan.stage))
                 queue = WriteQueue()
                 for i in plan.files_of(self.comm.rank):
                     spec = plan.files[i]
@@ -209,10 +228,14 @@ class _Save:
             if self.comm.rank == 0:
                 try:
                     self.commit(plan)
+                except CommitError as e:  # its message says what the folder holds
+                    err = add_context(e, "committing")
                 except Exception as e:
-                    err = add_context(e, f"committing {self.target}")
+                    err = add_context(e, f"committing {self.target} (it is unchanged)")
             self.comm.agree("commit", err)
+            self.outcome = f"{target_of(Path(plan.stage))} holds the new checkpoint, complete"
             ok = True
+            self.phase = "report"
             return self.report(plan, files, written, time.perf_counter() - t0)
         except DistLoadError:
             raise
@@ -240,7 +263,9 @@ class _Save:
             self.tensors = state_tensors(self.model)
             digest = hashlib.sha256(repr(signature(self.tensors)).encode()).hexdigest()
             info = rank_info(comm.rank)
-            entry = PlanEntry(digest64(info.node_key), digest32(digest), 0, 0, info.local_rank, False)
+            # The device type decides the agreement schedule: a mix would hang. It rides as a digest.
+            entry = PlanEntry(digest64(info.node_key), digest32(digest), digest32(comm.device.type), 0,
+                              info.local_rank, False)
             extra = names_extra(info.host, info.node_key) if info.local_rank == 0 else None
         except Exception as e:
             local, entry = e, PlanEntry(0, 0, 0, 0, 0, True)
@@ -257,6 +282,13 @@ class _Save:
         entries, failed, self.roster = roster(got, mine)
         if failed:
             return "fail", {r: m[0] for r, m in failed.items()}, {r: m[1] for r, m in failed.items()}
+        mine_type = self.comm.device.type
+        names = {digest32(t): t for t in (mine_type, "cpu", "cuda", "xpu", "mps", "hpu", "meta")}
+        devices = {r: names.get(e.path, "another device type") for r, e in enumerate(entries)
+                   if e.path != entries[0].path}
+        if devices:
+            return "fail", {r: f"its model is on {d} but rank 0's is on {mine_type}; every rank must save from "
+                               "the same device type" for r, d in devices.items()}, None
         odd = {r: "its model's state dict (names, shapes, dtypes or sharding) differs from rank 0's"
                for r, e in enumerate(entries) if e.check != entries[0].check}
         if odd:
@@ -266,8 +298,9 @@ class _Save:
             used = {o.source for o in outs}
             sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
             shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            stage = stage_dir(self.target.absolute(), secrets.token_hex(6))
+            target = resolve_target(self.target)  # a symlink: the folder it points to
+            target.parent.mkdir(parents=True, exist_ok=True)
+            stage = stage_dir(target, secrets.token_hex(6))
             os.mkdir(stage)
             self.stage = stage
             return "plan", build_plan(outs, sh, shapes, self.roster, max_shard_size=self.max_shard_size,
@@ -291,16 +324,25 @@ class _Save:
         chunks with shard pieces: meanwhile a failed rank still sends and
         receives every message, with stand-in bytes, so no peer is left
         waiting, and nothing it received is written.
+
+        The scratch buffer (one chunk of received or packed bytes, on the
+        transport's device) is reserved before the first such chunk, so a
+        rank whose allocation fails says so at that chunk's agreement, and a
+        rank whose step fails later still takes part in the chunk's
+        messages with it, allocating nothing.
         """
         rank = self.comm.rank
         cap = max((c.nbytes for c in plan.chunks), default=0)
         pool = StagingPool(cap, 2)
         scratch: torch.Tensor | None = None  # one chunk's worth of received or packed bytes
+        if any(c.remote for c in plan.chunks):
+            try:
+                scratch = torch.empty(cap, dtype=torch.uint8, device=self.comm.device)
+            except Exception as e:  # agreed at the first remote chunk, before any message
+                self.error = add_context(e, f"allocating a {cap}-byte transfer buffer on {self.comm.device}")
 
         def scratch_of(n: int) -> torch.Tensor:
-            nonlocal scratch
-            if scratch is None:
-                scratch = torch.empty(cap, dtype=torch.uint8, device=self.comm.device)
+            assert scratch is not None, "reserved before the first remote chunk's agreement"
             return scratch[:n]
 
         remote = 0
@@ -315,7 +357,7 @@ class _Save:
                     mine = own_parts(plan, chunk, rank)
                     if mine:
                         self._send(plan, chunk, mine, scratch_of)
-            elif rank == chunk.writer:
+            elif rank == chunk.writer and self.error is None:  # after a failure, on to the next agreement
                 self._write_local(plan, chunk, files, queue, pool)
 
     def _piece_view(self, plan: SavePlan, chunk: Chunk, buf: torch.Tensor, k: int) -> torch.Tensor:
@@ -362,11 +404,12 @@ class _Save:
     def _gather(self, plan: SavePlan, chunk: Chunk, parts, files, queue: WriteQueue, pool: StagingPool,
                 scratch_of) -> None:
         """(writer) Assemble a chunk from its own parts and every other holder's message, queue the write."""
-        buf = pool.get()
+        buf: torch.Tensor | None = None
         cpu = self.comm.device.type == "cpu"
         recvs, unpack = [], []
         pos = 0
         try:
+            buf = pool.get()
             for src, mine in sorted(parts.items()):
                 if src == self.comm.rank:
                     for k, sub in mine:
@@ -390,11 +433,16 @@ class _Save:
                 self.received += sum(sizes)
         except Exception as e:
             self.error = self.error or add_context(e, f"assembling {plan.files[chunk.file].name}")
-            # Still take every message, so the senders are not left waiting.
-            recvs = [(scratch_of(0).new_empty(n), s) for s, n in self._message_sizes(plan, chunk, parts)]
-            unpack = []
+            # Still take every message, so the senders are not left waiting: into the scratch
+            # buffer, which holds a whole chunk, allocating nothing.
+            recvs, unpack, at = [], [], 0
+            for s, n in self._message_sizes(plan, chunk, parts):
+                recvs.append((scratch_of(at + n)[at:], s))
+                at += n
         self.comm.exchange_([], recvs)
         self.gathered += 1
+        if buf is None:
+            return
         try:
             for seg, mine, sizes in unpack:
                 off = 0
@@ -442,7 +490,7 @@ class _Save:
                     off += size
         except Exception as e:
             self.error = self.error or add_context(e, f"packing shards for {plan.files[chunk.file].name}")
-            msg = scratch_of(n)  # the writer still expects n bytes
+            msg = scratch_of(n)  # the writer still expects n bytes (reserved: no allocation here)
         self.comm.exchange_([(msg, chunk.writer)], [])
         self.sent += n
 
@@ -464,7 +512,15 @@ class _Save:
             if gen is not None and can_generate():
                 write_small(stage / "generation_config.json", gen.to_json_string(use_diff=True).encode())
         write_small(stage / INDEX_NAME, plan.index_json().encode())
-        commit(stage, self.target)
+        self.stage = None  # from here on the commit decides what is removed
+        try:
+            self.warnings = commit_directory(stage, target_of(stage))
+        except CommitError as e:
+            self.outcome = str(e)
+            raise
+        self.outcome = f"{target_of(stage)} holds the new checkpoint, complete"
+        for w in self.warnings:
+            warnings.warn(f"distload save: {w}", stacklevel=4)
 
     def report(self, plan: SavePlan, files: dict[int, OutFile], written: int, seconds: float) -> SaveReport:
         """(all ranks) This rank's report; rank 0's also holds every rank's figures, sent as one record each."""
@@ -476,7 +532,8 @@ class _Save:
                                 files=sorted(plan.files[i].name for i in files), bytes_written=written,
                                 bytes_sent=self.sent, bytes_received=self.received,
                                 total_bytes=sum(f.size for f in plan.files), seconds=seconds,
-                                peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered)
+                                peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered,
+                                warnings=list(self.warnings))
             record = SAVE_REPORT.pack(written, self.sent, self.received, self.gathered,
                                       report.peak_rss_bytes // 1024, seconds)
         except Exception as e:
@@ -502,7 +559,8 @@ class _Save:
     # ---- failure -------------------------------------------------------------------
 
     def _cleanup(self, plan: SavePlan | None, files: dict[int, OutFile], queue: WriteQueue | None) -> None:
-        """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage."""
+        """(each rank, alone) Stop writing, remove this rank's temporary files; rank 0 removes the stage
+        unless its commit has begun (finished files are never removed here: they may be the checkpoint)."""
         if queue is not None:
             queue.close()
         for f in files.values():
@@ -511,5 +569,19 @@ class _Save:
             remove_stage(self.stage)
 
     def _broken(self, e: Exception) -> DistLoadError:
-        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`."""
-        return broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
+        """(each surviving rank, alone) See :func:`distload.transport.comm.broken_error`.
+
+        From the commit on, the error also says what the target holds: rank 0
+        knows; a rank that lost contact while rank 0 was committing says what
+        it sees (:func:`distload.io.commit.observe`); after the commit
+        agreement every rank knows the new checkpoint is in place.
+        """
+        err = broken_error(self.comm, "distload save", self.phase, f"save.{self.seq}", e)
+        if self.phase not in ("commit", "report") or self.plan_stage is None:
+            return err
+        stage = Path(self.plan_stage)
+        note = self.outcome
+        if note is None:
+            note = (f"{target_of(stage)} is unchanged" if self.comm.rank == 0
+                    else observe(target_of(stage), stage, self.stage_id))
+        return _noted(err, self.comm.rank, note)

@@ -57,12 +57,12 @@ def test_torchrun_inside_srun_wins_over_slurm():
 
 
 def test_srun_task_uses_procid_ntasks_localid_and_the_first_node():
-    assert detect_launch(SLURM_TASK) == LaunchEnv("slurm", 5, 8, 1, "gpu007", slurm_port(4242))
+    assert detect_launch(SLURM_TASK) == LaunchEnv("slurm", 5, 8, 1, "gpu007", slurm_port(4242, 0))
 
 
-def test_slurm_port_is_derived_from_the_job_id():
-    assert slurm_port(4242) == slurm_port(4242) != slurm_port(4243)
-    assert all(1024 < slurm_port(j) < 32768 for j in (0, 1, 19999, 20000, 10**9 + 7))
+def test_slurm_port_is_derived_from_the_job_and_step_ids():
+    assert slurm_port(4242, 0) == slurm_port(4242, 0) != slurm_port(4243, 0)
+    assert all(1024 < slurm_port(j, s) < 32768 for j in (0, 1, 19999, 20000, 10**9 + 7) for s in (0, 1, 7, 10**6))
 
 
 def test_slurm_master_can_be_overridden():
@@ -164,7 +164,7 @@ def test_init_distributed_exports_a_torchrun_style_environment(monkeypatch):
     assert (seen["rank"], seen["world_size"]) == (5, 8)
     env = bootstrap.os.environ
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu007", str(slurm_port(4242)))
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu007", str(slurm_port(4242, 0)))
 
 
 def test_unknown_transport_is_a_clear_error():

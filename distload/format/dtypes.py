@@ -24,7 +24,7 @@ Note on casting (:func:`target_dtype`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -223,3 +223,31 @@ def plan_dtypes(stored: Mapping[str, str], model: Mapping[str, tuple[torch.dtype
         return {k: target_dtype(k, d, None, cast, keep=k in keep) for k, d in sorted(stored.items())}
     return {k: target_dtype(k, stored[k], cur, cast if is_param else None, keep=k in keep)
             for k, (cur, is_param) in sorted(model.items()) if k in stored}
+
+
+def check_converted(stored: Mapping[str, str], ops: Iterable[tuple[str, Sequence[str], Sequence[str]]],
+                    model: Mapping[str, tuple[torch.dtype, bool]], cast: torch.dtype | None) -> None:
+    """(coordinator, while planning) The casting rule for keys that a conversion turns into model tensors.
+
+    ``ops``: ``(op, source keys, target model keys)`` of each conversion run
+    on gathered sources (a transpose, a chunk, a concatenation). Its results
+    keep the sources' dtype and are then copied into each target, so every
+    source must be allowed to land in every target it fills, exactly as if
+    it were loaded there itself: no FP8/FP4 or integer source into a float
+    parameter, no float into an integer one. A refusal names the key, the op
+    and the target. ``model``: each target's ``(dtype, is_parameter)``.
+    """
+    keep = kept_as_stored(stored)
+    for op, sources, targets in ops:
+        for target in targets:
+            current, is_param = model[target]
+            for key in sources:
+                try:
+                    target_dtype(key, stored[key], current, cast if is_param else None, keep=key in keep)
+                except DistLoadError as e:
+                    raise DistLoadError(f"{e} (it would be converted by {op} into {target!r})") from None
+
+
+def is_castable(dtype: torch.dtype) -> bool:
+    """True for the floating-point dtypes distload casts between (F16, BF16, F32, F64)."""
+    return dtype in _CASTABLE_TORCH

@@ -1,19 +1,15 @@
-"""Atomic checkpoint writing: staging directory, temporary names, ``pwrite`` on a thread, fsync, rename.
+"""Writing a save's files: staging directory, temporary names, ``pwrite`` on a thread, fsync, rename.
 
 Runs on each rank, locally (no collectives). The driver decides when each
 step may happen; this module only does file IO.
 
-Note on atomicity:
+Note on staging:
     A save writes into a hidden staging directory beside the target
     (``.NAME.distload-TOKEN``), each file first under a temporary name, then
-    fsynced and renamed. Only when every rank has reported success does rank 0
-    write the index (the file that makes a directory a checkpoint), fsync the
-    directory and swap it in for the target: one ``renameat2(RENAME_EXCHANGE)``
-    when the target exists (two renames where the kernel or filesystem lacks
-    it), one ``rename`` when it does not. Files of the old directory that are
-    not weights or configs (a tokenizer, a README) are moved into the new
-    one. So the target is always either the old checkpoint or the new,
-    complete one, and a failed save leaves no index anywhere.
+    fsynced and renamed. Once a rank's files are complete they belong to the
+    staging directory, which only rank 0 removes (after a failure) or commits
+    (:mod:`distload.io.commit`): a rank that fails later never deletes a
+    finished file, which may already be part of the checkpoint being swapped in.
 """
 
 from __future__ import annotations
@@ -22,21 +18,24 @@ import ctypes
 import errno
 import os
 import queue
-import re
 import shutil
 import threading
 from pathlib import Path
 
 import torch
 
-# What a save replaces in an existing target; everything else there is kept.
-_REPLACED = re.compile(r"(.*\.safetensors|.*\.safetensors\.index\.json|config\.json|generation_config\.json|"
-                       r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json)")
 TMP_SUFFIX = ".distload-tmp"
+_STAGE = ".distload-"
 
 
 def stage_dir(target: Path, token: str) -> Path:
-    return target.parent / f".{target.name}.distload-{token}"
+    """The hidden staging directory beside ``target`` (resolved) for one save."""
+    return target.parent / f".{target.name}{_STAGE}{token}"
+
+
+def target_of(stage: Path) -> Path:
+    """The target directory a staging directory (:func:`stage_dir`) is for."""
+    return stage.parent / stage.name[1:].rsplit(_STAGE, 1)[0]
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:
@@ -84,14 +83,14 @@ class OutFile:
         os.rename(self.tmp, self.final)
 
     def abort(self) -> None:
+        """Close and remove the temporary file; a finished file stays (see the module note)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for p in (self.tmp, self.final):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 class WriteQueue:
@@ -152,20 +151,13 @@ class StagingPool:
 
     def get(self) -> torch.Tensor:
         if self._made < self._count and self._free.empty():
-            self._made += 1
-            return torch.empty(self.nbytes, dtype=torch.uint8)
+            buf = torch.empty(self.nbytes, dtype=torch.uint8)
+            self._made += 1  # only once it exists: a failed allocation must not count as a buffer to wait for
+            return buf
         return self._free.get()
 
     def put(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_small(path: Path, data: bytes) -> None:
@@ -180,48 +172,6 @@ def write_small(path: Path, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
-
-
-def commit(stage: Path, target: Path) -> None:
-    """(rank 0, after every rank succeeded) Make the staged checkpoint the target directory."""
-    fsync_dir(stage)
-    if not target.exists():
-        os.rename(stage, target)
-        fsync_dir(target.parent)
-        return
-    if not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory")
-    if not _exchange(stage, target):
-        trash = stage.with_name(stage.name + ".old")
-        os.rename(target, trash)
-        os.rename(stage, target)
-        stage = trash
-    old = stage  # after the swap the staging path holds the previous checkpoint
-    for entry in os.listdir(old):
-        if not _REPLACED.fullmatch(entry) and not (target / entry).exists():
-            os.rename(old / entry, target / entry)
-    fsync_dir(target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def remove_stage(stage: Path) -> None:
+    """(rank 0, after a failure before the commit) Remove the staging directory and everything in it."""
     shutil.rmtree(stage, ignore_errors=True)

@@ -168,10 +168,15 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
     applies :func:`distload.format.dtypes.target_dtype`: only parameters stored as
     F16/BF16/F32/F64 are cast; FP8/FP4 tensors and their scales get the
     stored dtype.
-    Parameters that were already real are moved, not reallocated, if needed.
-    Appends to ``undo`` before each change, so :func:`restore_plain` undoes
-    even a materialization that failed part-way. Returns every state-dict
-    name's tensor; DTensors are left to :func:`distload.model.dtensor.materialize_dtensors`.
+    Parameters that were already real are moved, not reallocated, if needed,
+    and stay the same objects when nothing needs to change (then the load
+    writes into their memory). Meta parameters get their memory in place
+    (:func:`torch.utils.swap_tensors`), so they stay the same objects too:
+    a model whose failed load put it back on meta keeps its parameter
+    objects through the retry. Appends to ``undo`` before each change, so
+    :func:`restore_plain` undoes even a materialization that failed
+    part-way. Returns every state-dict name's tensor; DTensors are left to
+    :func:`distload.model.dtensor.materialize_dtensors`.
     """
     replaced: dict[int, nn.Parameter] = {}
     want_of = param_dtypes(model.named_parameters(remove_duplicate=False), dtype, stored)
@@ -187,8 +192,10 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
                 elif p.device != device or p.dtype != want or not p.is_contiguous():
                     data = p.detach().to(device=device, dtype=want).contiguous()
                 else:
-                    data = p.detach()
-                new = nn.Parameter(data, requires_grad=p.requires_grad)
+                    data = None  # already right: the parameter itself is the destination
+                new = p if data is None else nn.Parameter(data, requires_grad=p.requires_grad)
+                if p.device.type == "meta" and _swap(p, new):
+                    new = p  # the same object, now with real memory
                 replaced[id(p)] = new
             undo.append((module, "_parameters", name, p))
             module._parameters[name] = new
@@ -207,15 +214,50 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
 
 
 def restore_plain(undo: list) -> None:
-    """Undo :func:`materialize`: parameters go back to meta, buffers get their original tensors.
+    """Undo :func:`materialize`: every slot gets its original parameter object back, on meta; buffers
+    get their original tensors.
 
-    Parameters may share memory that was partly written, so none keeps it;
-    original buffers were only copied from, so a failed load can be retried.
+    Parameters may share memory that was partly written, so none keeps it.
+    Each original parameter goes to meta once, in place
+    (:func:`torch.utils.swap_tensors`), so it stays the same object, of the
+    same type, in every slot that held it: weights tied before the load stay
+    tied, an optimizer's references stay valid, and a retry loads strictly.
+    Original buffers were only copied from, so they keep their values.
     """
+    real: dict[int, torch.Tensor] = {}
     for module, slot, name, old in reversed(undo):
-        keep = slot == "_buffers" or old.device.type == "meta"
-        getattr(module, slot)[name] = old if keep else old.to("meta")
+        getattr(module, slot)[name] = old
+        if slot == "_parameters" and old.device.type != "meta":
+            real[id(old)] = old
+    for p in real.values():
+        if not _swap(p, _meta_twin(p)):  # it cannot be swapped: one new meta parameter in all its slots, still tied
+            twin = _meta_twin(p)
+            for module, slot, name, old in undo:
+                if old is p:
+                    getattr(module, slot)[name] = twin
     undo.clear()
+
+
+def _swap(p: torch.Tensor, new: torch.Tensor) -> bool:
+    """Give ``p`` the contents of ``new`` of the same type, keeping the Python object; False if it cannot be.
+
+    ``swap_tensors`` refuses objects with weak references or other holders of
+    their data (a live autograd graph); a subclass of Parameter is not
+    swapped (``new`` would change its type).
+    """
+    if type(p) is not type(new):
+        return False
+    try:
+        torch.utils.swap_tensors(p, new)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _meta_twin(p: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``p``'s shape and dtype: a Parameter (with its ``requires_grad``) for a parameter."""
+    meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+    return nn.Parameter(meta, requires_grad=p.requires_grad) if isinstance(p, nn.Parameter) else meta
 
 
 def model_placement(model: nn.Module, device: torch.device, dtype: torch.dtype | None, st_dtypes: dict[str, str],

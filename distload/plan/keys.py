@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DistLoadError
+from ..errors import DistLoadError, clip_names
 from .shard import Layout, Ranges, intersect, length, position
 
 KeyHook = Mapping[str, str] | Callable[[str], "str | None"]
@@ -431,7 +431,7 @@ def _place_converted(converter: Any, target: str, by_pattern: dict[str, list[str
     bad = [f"{k}: converted {list(v.shape)} vs model {list(model_shapes[k])}"
            for k, v in made.items() if k in model_shapes and tuple(v.shape) != model_shapes[k]]
     if bad:
-        raise DistLoadError(f"shape mismatch after {_op_names(converter)}: " + "; ".join(bad))
+        raise DistLoadError(f"shape mismatch after {_op_names(converter)}: {clip_names(bad, sep='; ')}")
     targets = tuple(sorted(k for k in made if k in model_shapes))
     return GatheredOp(_op_names(converter), target, converter, collected, targets)
 
@@ -446,7 +446,7 @@ def _run_converter(converter: Any, layer: str, collected: tuple[tuple[str, tuple
         out = conv.convert(layer, model=model, config=getattr(model, "config", None))
     except Exception as e:
         keys = [k for _, ks in collected for k in ks]
-        raise DistLoadError(f"conversion {op} failed for checkpoint key(s) {', '.join(keys)} -> {layer}: "
+        raise DistLoadError(f"conversion {op} failed for checkpoint key(s) {clip_names(keys)} -> {layer}: "
                             f"{type(e).__name__}: {e}") from e
     return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
 
@@ -528,7 +528,7 @@ def _check_shapes(routes: Mapping[str, Route], checkpoint: Mapping[str, tuple[in
             into = f"model {r.target}" + (" slice" if r.box is not None else "")
             bad.append(f"{k}: checkpoint {list(checkpoint[k])} vs {into} {list(want)}")
     if bad:
-        raise DistLoadError("shape mismatch for " + "; ".join(bad))
+        raise DistLoadError(f"shape mismatch for {len(bad)} key(s): {clip_names(bad, sep='; ')}")
 
 
 def _check_unique(routes: Mapping[str, Route], gathered: Iterable[GatheredOp]) -> None:
@@ -540,9 +540,9 @@ def _check_unique(routes: Mapping[str, Route], gathered: Iterable[GatheredOp]) -
         for t in g.targets:
             whole.setdefault(t, []).append(" + ".join(g.sources))
     sliced = {r.target for r in routes.values() if r.box is not None}
-    clash = [f"{t} <- {', '.join(ks)}" for t, ks in sorted(whole.items()) if len(ks) > 1 or t in sliced]
+    clash = [f"{t} <- {clip_names(ks, 4)}" for t, ks in sorted(whole.items()) if len(ks) > 1 or t in sliced]
     if clash:
-        raise DistLoadError("several checkpoint keys fill the same model tensor: " + "; ".join(clash))
+        raise DistLoadError(f"several checkpoint keys fill the same model tensor: {clip_names(clash, sep='; ')}")
 
 
 def _drop_tied_duplicates(routes: dict[str, Route], aliases: Mapping[str, tuple[str, ...]]) -> list[str]:

@@ -197,10 +197,13 @@ class Transfer:
         ahead = self.stage.read_ahead if self.stage is not None else 1
         try:
             if error is None:
-                self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE], self.read,
-                                          read_target, io_threads=self.feed_threads, ahead=ahead)
-                self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
-                                          self.slice, slice_target, io_threads=self.slice_threads)
+                try:  # a thread that cannot start (a pids limit) is agreed before the first collective
+                    self.reader = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind != SLICE],
+                                              self.read, read_target, io_threads=self.feed_threads, ahead=ahead)
+                    self.slicer = ChunkReader(self.plan, self.fds, [s.item for s in mine if s.kind == SLICE],
+                                              self.slice, slice_target, io_threads=self.slice_threads)
+                except Exception as e:
+                    error = add_context(e, "starting this rank's read threads")
             for step in self.steps:
                 if step.kind == SLICE:
                     if step.item.owner == rank and error is None:

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import DistLoadError
+from ..errors import DistLoadError, clip_names
+from ..format.dtypes import is_castable
 from ..model.convert import KeyedPlacement, take_region
 from ..model.place import byte_view
 from ..plan.keys import GatheredOp
@@ -87,11 +88,18 @@ def _run(g: GatheredOp, placement: KeyedPlacement) -> dict[str, torch.Tensor]:
     except DistLoadError:
         raise
     except Exception as e:
-        raise DistLoadError(f"conversion {g.op} failed for checkpoint key(s) {', '.join(g.sources)} -> "
-                            f"{', '.join(g.targets)}: {type(e).__name__}: {e}") from e
+        raise DistLoadError(f"conversion {g.op} failed for checkpoint key(s) {clip_names(g.sources)} -> "
+                            f"{clip_names(g.targets)}: {type(e).__name__}: {e}") from e
     finally:
         del sources
-    return {name: made[name] for name in g.targets}
+    out = {name: made[name] for name in g.targets}
+    for name, value in out.items():  # the plan checked the sources' dtypes; an op must not change them either
+        want = placement.targets[name].dtype
+        if value.dtype != want and not (is_castable(value.dtype) and is_castable(want)):
+            raise DistLoadError(f"conversion {g.op} made {name} {value.dtype} from checkpoint key(s) "
+                                f"{clip_names(g.sources)}, but the model holds {want}; distload casts only "
+                                "between float16, bfloat16, float32 and float64")
+    return out
 
 
 def _agree_before(comm: Comm, error: BaseException | None) -> None:

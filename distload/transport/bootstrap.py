@@ -140,9 +140,20 @@ def slurm_master(nodelist: str) -> str:
     return first_host(nodelist)
 
 
-def slurm_port(job_id: int) -> int:
-    """A port every task of one job derives alike, below Linux's ephemeral range."""
-    return 10000 + job_id % 20000
+_PORT_BASE, _PORT_SPAN = 10000, 20000  # below Linux's ephemeral range (32768 and up)
+
+
+def slurm_port(job_id: int, step_id: int = 0) -> int:
+    """The rendezvous port every task of one ``srun`` step derives alike, below Linux's ephemeral range.
+
+    Steps of one job get consecutive ports (two steps running at once never
+    collide), and the job id is mixed (a multiplicative hash) rather than
+    taken modulo the range, so jobs whose ids differ by a multiple of the
+    range do not share ports. A port that is taken anyway fails with an
+    error that says to set ``MASTER_PORT`` (:func:`init_distributed`).
+    """
+    mixed = (job_id * 2654435761) % (1 << 32)  # Knuth's multiplicative hash: spreads nearby and aliased ids
+    return _PORT_BASE + (mixed + step_id) % _PORT_SPAN
 
 
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
@@ -155,7 +166,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
     * SLURM ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS`` (the step's
       ``SLURM_STEP_NUM_TASKS`` when present), ``SLURM_LOCALID``; the master is
       the first host of the step's (else the job's) node list and the port
-      comes from ``SLURM_JOB_ID``; ``MASTER_ADDR``/``MASTER_PORT`` override;
+      comes from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID`` (:func:`slurm_port`);
+      ``MASTER_ADDR``/``MASTER_PORT`` override;
     * MPI: Open MPI ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK}``, MPICH/Hydra
       and Intel MPI ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``; the
       master is agreed over mpi4py unless ``MASTER_ADDR``/``MASTER_PORT`` are set.
@@ -193,7 +205,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv | None:
             "slurm", _int(env, "SLURM_PROCID", "SLURM"), _int(env, size_var, "SLURM"),
             _int(env, "SLURM_LOCALID", "SLURM") if "SLURM_LOCALID" in env else 0,
             addr or slurm_master(env[nodes_var]),  # type: ignore[index]
-            port if port is not None else slurm_port(int(env["SLURM_JOB_ID"]))))
+            port if port is not None else slurm_port(int(env["SLURM_JOB_ID"]), int(env["SLURM_STEP_ID"]))))
     for rank_var, size_var, local_vars in (
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",)),
         ("PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
@@ -260,11 +272,31 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
         dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                 timeout=timeout, **extra)
         return True
+    derived = launch.launcher == "slurm" and not os.environ.get("MASTER_PORT", "").isdigit()
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
     os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-    dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
-                            world_size=launch.world_size, timeout=timeout, **extra)
+    try:
+        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout, **extra)
+    except Exception as e:
+        if derived:
+            raise _port_error(launch, e) from e
+        raise
     return True
+
+
+def _port_error(launch: LaunchEnv, e: Exception) -> DistLoadError:
+    """(a SLURM task whose rendezvous failed on the port derived from the job and step ids) Say to set MASTER_PORT."""
+    text = f"{type(e).__name__}: {e}"
+    taken = "EADDRINUSE" in text or "address already in use" in text.lower()
+    where = f"{launch.master_addr}:{launch.master_port}"
+    if taken:
+        what = f"the rendezvous port {where} (derived from SLURM_JOB_ID and SLURM_STEP_ID) is already in use"
+    else:
+        what = (f"the rendezvous at {where} (port derived from SLURM_JOB_ID and SLURM_STEP_ID) failed; "
+                "if rank 0 found that port taken, this is why")
+    return DistLoadError(f"{what}: set MASTER_PORT to a free port on {launch.master_addr} in the job script "
+                         f"(export MASTER_PORT=...) and launch again ({text.splitlines()[0]})")
 
 
 def _mpi_store(launch: LaunchEnv, timeout: datetime.timedelta):

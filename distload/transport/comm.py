@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DistLoadError
+from ..errors import MAX_TRACEBACK, DistLoadError, clip_text
 from ..plan.control import EXTRA_LENGTH
 
 # Collective timeout (seconds) when distload creates the process group, and each MPI call's deadline.
@@ -30,12 +30,12 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 def describe(exc: BaseException) -> str:
-    """One line for the error report: DistLoadErrors speak for themselves."""
+    """One line for the error report: DistLoadErrors speak for themselves. Clipped (it goes to every rank)."""
     if isinstance(exc, DistLoadError):
-        return str(exc)
+        return clip_text(str(exc))
     notes = [n for n in getattr(exc, "__notes__", None) or [] if isinstance(n, str)]
     where = "".join(f"{n}: " for n in notes)
-    return f"{where}{type(exc).__name__}: {exc}"
+    return clip_text(f"{where}{type(exc).__name__}: {exc}")
 
 
 class Comm(ABC):
@@ -356,7 +356,8 @@ def _bytes_of(t: torch.Tensor) -> bytes:
 
 
 def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """``exc``'s traceback as text, clipped (it goes to every rank)."""
+    return clip_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), MAX_TRACEBACK)
 
 
 # How long a survivor of a timed-out collective waits for the others to check in.

@@ -16,17 +16,21 @@ import torch
 
 from ..errors import DistLoadError
 
-# The arguments every rank must agree on: they decide the plan and its collectives.
-LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb", "subset")
+# The arguments every rank must agree on: they decide the plan and its collectives. The device's
+# type decides the agreement schedule (every step on CUDA, every 16th on CPU) and the buffers' kind.
+LOAD_ARGUMENTS = ("path", "dtype", "strict", "read_policy", "bucket_mb", "subset", "device")
 
 
-def load_arguments(path, dtype, strict, read_policy, bucket_mb, subset=False) -> tuple[str, ...]:
+def load_arguments(path, dtype, strict, read_policy, bucket_mb, subset=False,
+                   device: torch.device | str = "cpu") -> tuple[str, ...]:
     """This rank's arguments, in :data:`LOAD_ARGUMENTS` order, as comparable text.
 
     ``key_map`` is left out: a callable has no value to compare across ranks.
+    Of ``device`` only the type counts (``cuda:3`` on one rank and ``cuda:0``
+    on another is the normal case).
     """
     return (os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path), str(dtype), repr(strict),
-            repr(read_policy), repr(bucket_mb), repr(bool(subset)))
+            repr(read_policy), repr(bucket_mb), repr(bool(subset)), torch.device(device).type)
 
 
 def argument_mismatch(gathered: list[tuple[str, ...] | None],

@@ -138,6 +138,16 @@ def _waiter() -> _Waiter:
     return _WAITER
 
 
+class _AllOf:
+    """Several requests waited on as one (``MPI_Waitall``), so one deadline and one held job cover them all."""
+
+    def __init__(self, MPI: Any, requests: list):
+        self._MPI, self._requests = MPI, requests
+
+    def Wait(self) -> None:
+        self._MPI.Request.Waitall(self._requests)
+
+
 class MpiComm(Comm):
     """mpi4py over one communicator (default ``COMM_WORLD``). Every method is collective.
 
@@ -217,18 +227,19 @@ class MpiComm(Comm):
             self._bcast_bytes(host_bytes(buf), src, "broadcast", buf)
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
-        """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), all waited at once with
-        the deadline; the buffers stay referenced until every request completes."""
-        requests, keep = [], []
+        """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), all waited on together
+        with one deadline. Every buffer stays referenced until every request completes, even after a
+        timeout (see the module note): a late peer may still write into a receive buffer."""
+        requests = []
         for items, post in ((sends, self._comm.Isend), (recvs, self._comm.Irecv)):
             for buf, peer in items:
                 view = host_bytes(buf)
-                keep.append(buf)
                 for off in range(0, len(view), _MAX_BYTES):
                     part = view[off : off + _MAX_BYTES]
                     requests.append(post([part, len(part), self._MPI.BYTE], peer, tag=_P2P_TAG))
         if requests:
-            self._wait(_AllOf(self._MPI, requests), "point-to-point transfer", *keep)
+            self._wait(_AllOf(self._MPI, requests), "point-to-point transfer",
+                       *(buf for buf, _ in sends), *(buf for buf, _ in recvs))
 
     def failed_ranks(self, failed: bool) -> list[int]:
         """One integer all-reduced (MAX); only when some rank failed, a byte per rank says which."""
@@ -245,12 +256,3 @@ class MpiComm(Comm):
                                          [host_bytes(every), 1, self._MPI.BYTE]), "status all-gather", mine, every)
         return [r for r, v in enumerate(every.tolist()) if v]
 
-
-class _AllOf:
-    """Several requests waited as one (``MPI_Waitall``), so a fan-out of many sends costs one wait."""
-
-    def __init__(self, MPI: Any, requests: list):
-        self._MPI, self._requests = MPI, requests
-
-    def Wait(self) -> None:  # noqa: N802 - the mpi4py request interface the waiter calls
-        self._MPI.Request.Waitall(self._requests)
