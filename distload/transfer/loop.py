@@ -256,6 +256,15 @@ class Transfer:
         assert self._spare is not None and nbytes <= self._spare.numel(), "the stand-in was sized from the schedule"
         return self._spare[:nbytes]
 
+    def _filler(self, nbytes: int, src: torch.Tensor | None) -> torch.Tensor:
+        """(a scatter owner whose step failed) Bytes of a holder's message size to send it: the reserved
+        stand-in on CPU, else the chunk's own bytes (no message is larger than its chunk)."""
+        if self._spare is not None:
+            return self._stand_in(nbytes)
+        if src is not None:
+            return src[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+
     # ---- broadcast ---------------------------------------------------------------
 
     def _broadcast(self, chunk: Chunk, error: BaseException | None) -> BaseException | None:
@@ -370,9 +379,7 @@ class Transfer:
         ``src``; others are packed into the send buffer, and when it is full
         the messages so far go out (a round) before it is reused. After a
         failure here or earlier the remaining holders get stand-in bytes of
-        their message's size, so none is left waiting (on GPUs, where a failure
-        before the send was agreed already, the chunk's own bytes: no message
-        is larger than the chunk).
+        their message's size (:meth:`_filler`), so none is left waiting.
         """
         rank, sp = self.comm.rank, self.plan.sharded
         assert sp is not None
@@ -406,7 +413,7 @@ class Transfer:
                 except Exception as e:
                     error = e
             if r != rank:
-                sends.append((self._stand_in(n) if self._spare is not None else src[:n], r))  # type: ignore[index]
+                sends.append((self._filler(n, src), r))
         self.comm.exchange_(sends, [])
         return error
 
