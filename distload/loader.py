@@ -245,6 +245,7 @@ class _Load:
         self.roster: list[RankInfo] = []  # (rank 0) every rank's place, from the plan phase's records
         self._views: dict = {}  # (rank 0) the distinct submesh views, by a rank that holds each
         self._ranks_per_node = 1  # (rank 0) the most ranks any node runs
+        self._plan_error: Exception | None = None  # (rank 0) why planning failed, kept as the cause
         self.ops_run: list[str] = []  # gathered conversions this rank ran (distload.transfer.results)
         self.op_source_bytes = 0
 
@@ -387,7 +388,7 @@ class _Load:
             raise self._mismatch(args, digest, info)
         value, msg, tb = answer[1:]
         if msg is not None:
-            raise DistLoadError.from_failures("plan", {0: msg}, {0: tb}) from error
+            raise DistLoadError.from_failures("plan", {0: msg}, {0: tb}) from (error or self._plan_error)
         plan, keys, self.submeshes, self.ranks_here = value
         if keys is not None:
             self.keys = keys
@@ -421,13 +422,12 @@ class _Load:
         """(rank 0) The broadcast that ends the plan phase: failures, a mismatch, or the plan (or its error)."""
         if decision[0] != "go":
             return decision
-        local: Exception | None = None
         try:
             value = (*self._plan_on_coordinator(self.roster, sig), self._ranks_per_node)
             return "plan", value, None, None
         except Exception as e:
-            local = e
-            return "plan", None, describe(local), format_traceback(local)
+            self._plan_error = e  # rank 0 raises the agreed error from it
+            return "plan", None, describe(e), format_traceback(e)
 
     def _mismatch(self, args, digest: str, info) -> DistLoadError:
         """(all ranks, after rank 0 saw digests differ) Gather the texts and name every difference, alike everywhere."""
