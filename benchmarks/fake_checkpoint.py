@@ -1,6 +1,7 @@
-"""Write a DeepSeek-V3-sized checkpoint made of headers only: sparse files, no tensor data.
+"""Write a DeepSeek-V3-sized (or Llama-70B-shaped) checkpoint made of headers only: sparse files, no tensor data.
 
-    python -m benchmarks.fake_checkpoint OUT            # 163 files, 91,991 tensors, ~688 GB apparent size
+    python -m benchmarks.fake_checkpoint OUT                     # 163 files, 91,991 tensors, ~688 GB apparent size
+    python -m benchmarks.fake_checkpoint OUT --preset llama-70b  # 30 files, 723 tensors, ~141 GB apparent size
 
 Key names, shapes and dtypes follow DeepSeek-V3's published checkpoint: FP8
 (``F8_E4M3``) projection weights, each with its F32 ``weight_scale_inv`` of
@@ -11,6 +12,11 @@ truncated to its full size with only the header written, so it takes a few
 hundred KB of disk and the planner sees exactly what it would see on the real
 checkpoint. Its tensor bytes read as zeros: use it to plan (``--dry-run``),
 never to load.
+
+The ``llama-70b`` preset follows Llama-3-70B's published checkpoint: BF16,
+80 layers of grouped-query attention (64 heads, 8 key-value heads of 128)
+and a 28,672-wide MLP, a 128,256-token vocabulary, an untied output head,
+in 30 files.
 """
 
 from __future__ import annotations
@@ -75,15 +81,41 @@ def deepseek_v3_tensors(layers: int = LAYERS) -> list[tuple[str, str, tuple[int,
     return out + [("model.norm.weight", "BF16", (HIDDEN,)), ("lm_head.weight", "BF16", (VOCAB, HIDDEN))]
 
 
+L70_HIDDEN, L70_VOCAB, L70_INTER, L70_LAYERS, L70_KV, L70_FILES = 8192, 128256, 28672, 80, 1024, 30
+
+
+def llama_70b_tensors(layers: int = L70_LAYERS) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Every (name, dtype, shape) of a Llama-3-70B-shaped checkpoint, in file order."""
+    out = [("model.embed_tokens.weight", "BF16", (L70_VOCAB, L70_HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", "BF16", (L70_HIDDEN,)),
+                (f"{p}.self_attn.q_proj.weight", "BF16", (L70_HIDDEN, L70_HIDDEN)),
+                (f"{p}.self_attn.k_proj.weight", "BF16", (L70_KV, L70_HIDDEN)),
+                (f"{p}.self_attn.v_proj.weight", "BF16", (L70_KV, L70_HIDDEN)),
+                (f"{p}.self_attn.o_proj.weight", "BF16", (L70_HIDDEN, L70_HIDDEN)),
+                (f"{p}.post_attention_layernorm.weight", "BF16", (L70_HIDDEN,)),
+                (f"{p}.mlp.gate_proj.weight", "BF16", (L70_INTER, L70_HIDDEN)),
+                (f"{p}.mlp.up_proj.weight", "BF16", (L70_INTER, L70_HIDDEN)),
+                (f"{p}.mlp.down_proj.weight", "BF16", (L70_HIDDEN, L70_INTER))]
+    return out + [("model.norm.weight", "BF16", (L70_HIDDEN,)), ("lm_head.weight", "BF16", (L70_VOCAB, L70_HIDDEN))]
+
+
+PRESETS = {"deepseek-v3": (deepseek_v3_tensors, FILES, LAYERS), "llama-70b": (llama_70b_tensors, L70_FILES, L70_LAYERS)}
+
+
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return SIZES[dtype] * math.prod(shape)
 
 
-def write_fake_checkpoint(out: Path, files: int = FILES, layers: int = LAYERS) -> Path:
+def write_fake_checkpoint(out: Path, files: int | None = None, layers: int | None = None,
+                          preset: str = "deepseek-v3") -> Path:
     """Write ``files`` sparse shards plus the index into ``out``; returns ``out``."""
+    make, default_files, default_layers = PRESETS[preset]
+    files = default_files if files is None else files
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = deepseek_v3_tensors(layers)
+    tensors = make(default_layers if layers is None else layers)
     total = sum(_nbytes(d, s) for _, d, s in tensors)
     target = total / files
     groups: list[list] = [[]]
@@ -116,14 +148,17 @@ def write_fake_checkpoint(out: Path, files: int = FILES, layers: int = LAYERS) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--files", type=int, default=FILES)
-    p.add_argument("--layers", type=int, default=LAYERS, help="transformer layers (the MTP layer comes on top)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3")
+    p.add_argument("--files", type=int, default=None, help="default: the preset's (163, or 30 for llama-70b)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="transformer layers (deepseek-v3: the MTP layer comes on top); default: the preset's")
     args = p.parse_args()
-    out = write_fake_checkpoint(args.out, args.files, args.layers)
+    out = write_fake_checkpoint(args.out, args.files, args.layers, args.preset)
     shards = sorted(out.glob("*.safetensors"))
     apparent = sum(f.stat().st_size for f in shards)
     disk = sum(os.stat(f).st_blocks * 512 for f in shards)
-    print(f"{out}: {len(shards)} file(s), {len(deepseek_v3_tensors(args.layers))} tensors, {apparent / 1e9:.1f} GB apparent, "
+    tensors = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    print(f"{out}: {len(shards)} file(s), {len(tensors)} tensors, {apparent / 1e9:.1f} GB apparent, "
           f"{disk / 1e6:.1f} MB on disk")
 
 

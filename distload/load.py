@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: emulate N ranks (8 per node) in this one process, replicated and with "
                         "every tensor Shard(0) over all N ranks, and print the plan bytes each rank receives "
                         "and the planning seconds")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run --world N: one JSON object per line per mode (world, mode, planning "
+                        "seconds, plan, control, buffer and wire bytes, collectives per rank) instead of text")
     p.add_argument("--report", metavar="OUT.json",
                    help="rank 0 writes every rank's report to this file as JSON (checked before loading by "
                         "creating it; ~ and $VARS are expanded)")
@@ -528,8 +531,8 @@ def _print_plan_cost(args: argparse.Namespace) -> int:
     if not args.dry_run or args.world < 1:
         raise DistLoadError("--world N needs --dry-run and N >= 1")
     for sharded in (False, True):
-        print(measure(args.path, args.world, sharded=sharded, bucket_mb=args.bucket_mb,
-                      read_policy=args.read_policy).line(), flush=True)
+        cost = measure(args.path, args.world, sharded=sharded, bucket_mb=args.bucket_mb, read_policy=args.read_policy)
+        print(json.dumps(cost.record()) if args.json else cost.line(), flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -46,6 +47,8 @@ from .model.place import (
     model_placement,
     model_signature,
 )
+from .plan.control import LOAD_REPORT, PlanEntry, digest32, digest64, names_extra, roster
+from .plan.items import RankInfo
 from .plan.keys import KeyHook, KeyMap, build_key_map
 from .plan.load_plan import DEFAULT_BUCKET_MB, LoadPlan, build_plan
 from .plan.op_plan import choose_op_ranks
@@ -57,7 +60,7 @@ from .storage.mounts import is_local_storage
 from .transfer.loop import transfer
 from .transfer.results import run_gathered
 from .transport.bootstrap import make_comm, rank_info, resolve_device
-from .transport.comm import DEFAULT_TIMEOUT_S, Comm, TorchComm, broken_error
+from .transport.comm import DEFAULT_TIMEOUT_S, Comm, TorchComm, broken_error, describe, format_traceback
 from .transport.groups import argument_mismatch, load_arguments
 
 _LOAD_SEQ = itertools.count()
@@ -242,6 +245,10 @@ class _Load:
         self.state_dict: dict[str, torch.Tensor] = {}
         self.keys = KeyMap()  # how checkpoint keys map onto the model (distload.plan.keys), from rank 0
         self.submeshes: dict = {}  # other ranks' meshes of gathered ops' targets, from rank 0
+        self.roster: list[RankInfo] = []  # (rank 0) every rank's place, from the plan phase's records
+        self._views: dict = {}  # (rank 0) the distinct submesh views, by a rank that holds each
+        self._ranks_per_node = 1  # (rank 0) the most ranks any node runs
+        self._plan_error: Exception | None = None  # (rank 0) why planning failed, kept as the cause
         self.ops_run: list[str] = []  # gathered conversions this rank ran (distload.transfer.results)
         self.op_source_bytes = 0
 
@@ -297,13 +304,7 @@ class _Load:
                 wait_for_device(self.device, self.comm.wait_s)
             seconds = time.perf_counter() - t0
             self.phase = "finish"
-            # The report travels in the one gather this phase needs.
-            gathered = self.comm.gather_or_raise(
-                "finish", lambda: self._report(plan, bytes_read, chunks, seconds).to_dict())
-            for d in gathered:
-                d.pop("ranks", None)
-            report = LoadReport.from_dict(gathered[self.comm.rank])
-            report.ranks = gathered
+            report = self._finish(plan, bytes_read, chunks, seconds)
             if self.keys.missing and self.comm.rank == 0:
                 warnings.warn("distload: " + _missing_warning(self.keys.missing), stacklevel=3)
             ok = True
@@ -327,48 +328,131 @@ class _Load:
         return broken_error(self.comm, "distload", self.phase, f"load.{self.seq}", e)
 
     def make_plan(self) -> LoadPlan:
-        """(all ranks) Exchange rank info; rank 0 validates and plans; all receive the plan."""
-        self.phase = "plan"
-        sig: dict = {}
+        """(all ranks) Every rank sends rank 0 one record; rank 0 checks and plans; all receive the plan.
 
-        def mine() -> tuple:
-            nonlocal sig
-            if self.revision is not None:  # this rank's own cache; a miss fails every rank in this gather
+        Note on the plan phase's messages:
+            Each rank sends one fixed-size record (:class:`~distload.plan.control.PlanEntry`:
+            its node, local rank and digests of its arguments, model, path and
+            submesh view) to rank 0 only, plus its host names if it is its
+            node's local rank 0, or its error if it failed. Rank 0 then
+            broadcasts one answer: the plan, or the failures, or (when digests
+            differ) a request for the texts, which only then all ranks gather
+            to name every difference. Ranks holding DTensors on partial meshes
+            send their view only when rank 0 asks, one rank per distinct view.
+            So no rank but rank 0 receives anything that grows with the world,
+            and rank 0 receives a record per rank.
+        """
+        self.phase = "plan"
+        comm, rank = self.comm, self.comm.rank
+        sig: dict = {}
+        args: tuple[str, ...] | None = None
+        digest = ""
+        view = None
+        info = None
+        error: Exception | None = None
+        try:
+            if self.revision is not None:  # this rank's own cache; a miss fails every rank
                 self.path = resolve_checkpoint(self.path, self.revision)
             sig = model_signature(self.model) if self.model is not None else {}
-            group = self.comm.group if isinstance(self.comm, TorchComm) else None
-            return (rank_info(self.comm.rank), hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest(),
-                    load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb,
-                                   self.subset, self.device),
-                    submesh_view(self.model, group, self.comm.world_size) if self.model is not None else None)
-
-        # Any rank's local failure rides in the first gather, so no rank is
-        # left waiting for the plan broadcast.
-        gathered = self.comm.gather_or_raise("plan", mine)
-        mismatch = argument_mismatch([g[2] for g in gathered], [g[0].node_key for g in gathered])
-        if mismatch is not None:
-            raise mismatch
-        node = gathered[self.comm.rank][0].node_key
-        self.ranks_here = sum(1 for g in gathered if g[0].node_key == node)
-        plan, keys, self.submeshes = self.comm.broadcast_or_raise(
-            "plan", lambda: self._plan_on_coordinator(gathered, sig))
+            digest = hashlib.sha256(repr(sorted(sig.items())).encode()).hexdigest()
+            args = load_arguments(self.path, self.dtype, self.strict, self.read_policy, self.bucket_mb, self.subset,
+                                  self.device)
+            group = comm.group if isinstance(comm, TorchComm) else None
+            view = submesh_view(self.model, group, comm.world_size) if self.model is not None else None
+            info = rank_info(rank)
+            entry = PlanEntry(digest64(info.node_key), digest32(args[1:], digest), digest32(args[0]),
+                              digest32(view) if view is not None else 0, info.local_rank, False)
+            extra = names_extra(info.host, info.node_key) if info.local_rank == 0 else None
+        except Exception as e:
+            error = e
+            entry = PlanEntry(0, 0, 0, 0, 0, True)
+            extra = pickle.dumps((describe(e), format_traceback(e)), protocol=pickle.HIGHEST_PROTOCOL)
+        got = comm.gather_records(entry.pack(), extra)
+        answer = None
+        if rank == 0:
+            assert got is not None
+            answer = self._check_roster(got, info, view)
+            if answer[0] == "views":  # ask one rank per distinct view for it
+                answer = comm.broadcast_object(answer)
+            else:
+                answer = comm.broadcast_object(self._answer(answer, sig))
+        else:
+            answer = comm.broadcast_object(None)
+        if answer[0] == "views":
+            asked = answer[1]
+            views = comm.collect_(pickle.dumps(view, protocol=pickle.HIGHEST_PROTOCOL) if rank in asked else None,
+                                  asked) if (rank == 0 or rank in asked) else None
+            if rank == 0:
+                assert views is not None
+                self._views.update({r: pickle.loads(v) for r, v in views.items()})
+                answer = comm.broadcast_object(self._answer(("go",), sig))
+            else:
+                answer = comm.broadcast_object(None)
+        kind = answer[0]
+        if kind == "fail":
+            raise DistLoadError.from_failures("plan", answer[1], answer[2]) from error
+        if kind == "mismatch":
+            raise self._mismatch(args, digest, info)
+        value, msg, tb = answer[1:]
+        if msg is not None:
+            raise DistLoadError.from_failures("plan", {0: msg}, {0: tb}) from (error or self._plan_error)
+        plan, keys, self.submeshes, self.ranks_here = value
         if keys is not None:
             self.keys = keys
         return plan
 
-    def _plan_on_coordinator(self, gathered: list[tuple], sig: dict) -> tuple[LoadPlan, KeyMap | None, dict]:
+    def _check_roster(self, got: list[tuple[bytes, bytes | None]], mine: RankInfo | None, view) -> tuple:
+        """(rank 0) From every rank's record: its failures, a disagreement, the views to ask for, or go.
+
+        Keeps every rank's place (``self.roster``, :func:`~distload.plan.control.roster`).
+        """
+        entries, failed, self.roster = roster(got, mine)
+        if failed:
+            return "fail", {r: m[0] for r, m in failed.items()}, {r: m[1] for r, m in failed.items()}
+        first_on_node: dict[int, int] = {}
+        for r, e in enumerate(entries):
+            peer = first_on_node.setdefault(e.node, r)
+            if e.check != entries[0].check or e.path != entries[peer].path:
+                return ("mismatch",)
+        per_node: dict[int, int] = {}
+        for e in entries:
+            per_node[e.node] = per_node.get(e.node, 0) + 1
+        self._ranks_per_node = max(per_node.values())
+        asked: dict[int, int] = {}
+        for r, e in enumerate(entries):
+            if e.view and e.view != entries[0].view:
+                asked.setdefault(e.view, r)
+        self._views = {0: view} if view is not None else {}
+        return ("views", sorted(asked.values())) if asked else ("go",)
+
+    def _answer(self, decision: tuple, sig: dict) -> tuple:
+        """(rank 0) The broadcast that ends the plan phase: failures, a mismatch, or the plan (or its error)."""
+        if decision[0] != "go":
+            return decision
+        try:
+            value = (*self._plan_on_coordinator(self.roster, sig), self._ranks_per_node)
+            return "plan", value, None, None
+        except Exception as e:
+            self._plan_error = e  # rank 0 raises the agreed error from it
+            return "plan", None, describe(e), format_traceback(e)
+
+    def _mismatch(self, args, digest: str, info) -> DistLoadError:
+        """(all ranks, after rank 0 saw digests differ) Gather the texts and name every difference, alike everywhere."""
+        got = self.comm.all_gather_object((args, digest, info.node_key if info is not None else ""))
+        mismatch = argument_mismatch([g[0] for g in got], [g[2] for g in got])
+        if mismatch is not None:
+            return mismatch
+        differ = {r: "its model (names, shapes, dtypes or sharding) differs from rank 0's; every rank must "
+                     "build the same model" for r, g in enumerate(got) if g[1] != got[0][1]}
+        return DistLoadError.from_failures("plan", differ or {0: "ranks disagree on the load's arguments"})
+
+    def _plan_on_coordinator(self, ranks: list[RankInfo], sig: dict) -> tuple[LoadPlan, KeyMap | None, dict]:
         """(coordinator) Validate the checkpoint against the model and build the plan.
 
         Also returns the other ranks' meshes of gathered ops' targets that
         some rank holds on a partial mesh (usually none), so that every rank
         agrees on where the results go (:meth:`_target_layouts`).
         """
-        digest = gathered[0][1]
-        differ = [r for r, g in enumerate(gathered) if g[1] != digest]
-        if differ:
-            raise DistLoadError(f"the model differs between rank 0 and rank(s) {differ}; "
-                                "every rank must build the same model")
-        ranks = [g[0] for g in gathered]
         ckpt = read_checkpoint(self.path, strict=self.strict)
         if self.model is None:
             # The dtype each tensor lands in; refusals name the key.
@@ -377,7 +461,7 @@ class _Load:
         keys = self._match(ckpt)
         # Sources of gathered ops move in their own phase, to their op rank only (distload.transfer.results).
         wanted = set(keys.wanted) - {k for g in keys.gathered for k in g.sources}
-        submeshes = other_submeshes(self.model, [g[3] for g in gathered])
+        submeshes = other_submeshes(self.model, list(self._views.values()))
         if not has_dtensors(self.model):
             plan = build_plan(ckpt, ranks, bucket_mb=self.bucket_mb, wanted=wanted)
         else:
@@ -518,6 +602,7 @@ class _Load:
         return sum(t.nbytes for f in plan.files for t in f.tensors if t.name in sources) if sources else 0
 
     def _report(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
+        """(every rank, locally) This rank's report; its lists of keys are the same on every rank."""
         me = rank_info(self.comm.rank)
         return LoadReport(
             rank=self.comm.rank,
@@ -544,6 +629,51 @@ class _Load:
             chunks=chunks,
             buffer_bytes=self.buffer_bytes,
         )
+
+    def _finish(self, plan: LoadPlan, bytes_read: int, chunks: int, seconds: float) -> LoadReport:
+        """(all ranks) This rank's report; every rank's figures go to rank 0 only, one fixed-size record each.
+
+        Rank 0's :attr:`LoadReport.ranks` gets one dict per rank: the numbers
+        from the records; host, node and local rank from the plan phase's;
+        files and gathered ops from the plan, which says which rank reads and
+        runs what. The other ranks' ``ranks`` stay empty.
+        """
+        error, record, report = None, b"", None
+        try:
+            report = self._report(plan, bytes_read, chunks, seconds)
+            record = LOAD_REPORT.pack(report.bytes_read, report.local_bytes, report.buffer_bytes, report.chunks,
+                                      report.peak_rss_bytes // 1024, report.seconds)
+        except Exception as e:
+            error = e
+        self.comm.agree("finish", error)
+        assert report is not None
+        got = self.comm.gather_records(record, extras=False)
+        if got is not None:
+            report.ranks = self._figures(plan, report, got)
+        return report
+
+    def _figures(self, plan: LoadPlan, report: LoadReport, got: list[tuple[bytes, bytes | None]]) -> list[dict]:
+        """(rank 0) One dict of figures per rank, from the records and the plan."""
+        files: dict[int, list[str]] = {}
+        for f, owner in zip(plan.files, plan.owners):
+            files.setdefault(owner, []).append(f.name)
+        ops: dict[int, list[str]] = {}
+        sources: dict[int, int] = {}
+        sizes = {t.name: t.nbytes for f in plan.files for t in f.tensors} if self.keys.gathered else {}
+        for g, r in zip(self.keys.gathered, plan.op_ranks):
+            ops.setdefault(r, []).append(g.layer)
+            sources[r] = sources.get(r, 0) + sum(sizes.get(k, 0) for k in g.sources)
+        rows = []
+        for r, (rec, _) in enumerate(got):
+            bytes_read, local, buffers, chunks, kib, seconds = LOAD_REPORT.unpack(rec)
+            info = self.roster[r]
+            rows.append(dict(rank=r, world_size=report.world_size, host=info.host, node=info.node_key,
+                             local_rank=info.local_rank, files=files.get(r, []), bytes_read=bytes_read,
+                             total_bytes=report.total_bytes, seconds=seconds,
+                             gbps=report.total_bytes / seconds / 1e9 if seconds > 0 else 0.0,
+                             peak_rss_bytes=kib * 1024, local_bytes=local, chunks=chunks, buffer_bytes=buffers,
+                             op_source_bytes=sources.get(r, 0), ops_run=ops.get(r, [])))
+        return rows
 
 
 def _missing_warning(missing: tuple[str, ...]) -> str:

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import math
 import os
+import pickle
 import secrets
 import time
 import warnings
@@ -44,6 +45,7 @@ from .io.writer import (
 )
 from .model.dtensor import is_dtensor, shardings
 from .model.save_keys import output_tensors, signature, state_tensors
+from .plan.control import SAVE_REPORT, PlanEntry, digest32, digest64, names_extra, roster
 from .plan.save_plan import (
     INDEX_NAME,
     Chunk,
@@ -51,6 +53,7 @@ from .plan.save_plan import (
     build_plan,
     contributions,
     local_box,
+    own_parts,
     parse_size,
 )
 from .report import peak_rss_bytes
@@ -66,6 +69,9 @@ from .transport.comm import (
 )
 
 DEFAULT_BUCKET_MB = 64
+# Chunks with shard pieces per status exchange: a failure is agreed at most this many chunks late,
+# while every rank keeps sending and receiving with stand-in bytes (never a wait on a failed peer).
+AGREE_EVERY = 16
 _SAVE_SEQ = itertools.count()
 
 
@@ -191,6 +197,7 @@ class _Save:
         self.remote = isinstance(target, str)  # object storage: files go through self.sink
         self.sink: Sink | None = None
         self.began = False  # rank 0 began the sink, so a failure discards what it wrote
+        self.roster: list = []  # rank 0: every rank's place, from the plan phase's records
 
     def run(self) -> SaveReport:
         t0 = time.perf_counter()
@@ -267,54 +274,70 @@ class _Save:
     # ---- plan ----------------------------------------------------------------
 
     def make_plan(self) -> SavePlan:
-        """(all ranks) Check every rank holds the same model; rank 0 plans and stages; all receive the plan."""
+        """(all ranks) Each rank sends rank 0 one record; rank 0 checks, plans and stages; all receive the plan.
+
+        The record (:class:`~distload.plan.control.PlanEntry`) carries the
+        rank's node and a digest of its model's state dict; names come from
+        each node's local rank 0 and errors from failed ranks only, so no rank
+        but rank 0 receives anything that grows with the world.
+        """
         self.phase = "plan"
+        comm = self.comm
         local: Exception | None = None
+        info = None
         try:
             self.tensors = state_tensors(self.model)
             digest = hashlib.sha256(repr(signature(self.tensors)).encode()).hexdigest()
-            mine = (rank_info(self.comm.rank), digest, None, self.comm.device.type)
+            info = rank_info(comm.rank)
+            # The device type decides the agreement schedule: a mix would hang. It rides as a digest.
+            entry = PlanEntry(digest64(info.node_key), digest32(digest), digest32(comm.device.type), 0,
+                              info.local_rank, False)
+            extra = names_extra(info.host, info.node_key) if info.local_rank == 0 else None
         except Exception as e:
-            local, mine = e, (None, None, (describe(e), format_traceback(e)), None)
-        gathered = self.comm.all_gather_object(mine)
-        bad = {r: g[2] for r, g in enumerate(gathered) if g[2] is not None}
-        if bad:
-            raise DistLoadError.from_failures("plan", {r: m[0] for r, m in bad.items()},
-                                              {r: m[1] for r, m in bad.items()}) from local
-        devices = [g[3] for g in gathered]
-        if len(set(devices)) > 1:  # the device type decides the agreement schedule: a mix would hang
-            raise DistLoadError.from_failures("plan", {r: f"its model is on {d} but rank 0's is on {devices[0]}; "
-                                                          "every rank must save from the same device type"
-                                                       for r, d in enumerate(devices) if d != devices[0]})
-        digests = [g[1] for g in gathered]
-        if len(set(digests)) > 1:
-            odd = [r for r, d in enumerate(digests) if d != digests[0]]
-            raise DistLoadError.from_failures("plan", {r: "its model's state dict (names, shapes, dtypes or "
-                                                          "sharding) differs from rank 0's" for r in odd})
-        plan, err = None, None
-        if self.comm.rank == 0:
-            stage = None
-            try:
-                outs = output_tensors(self.model, self.tensors, self.dtype)
-                used = {o.source for o in outs}
-                sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
-                shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
-                if self.remote:
-                    self.sink = _object_sink(str(self.target))
-                    self.began = True
-                    stage = self.sink.begin()
-                else:
-                    target = resolve_target(self.target)  # a symlink: the folder it points to
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    stage = stage_dir(target, secrets.token_hex(6))
-                    os.mkdir(stage)
-                    self.stage = stage
-                plan = build_plan(outs, sh, shapes, [g[0] for g in gathered], max_shard_size=self.max_shard_size,
-                                  bucket_bytes=self.bucket_bytes, stage=str(stage))
-            except Exception as e:
-                err = e
-        self.comm.agree("plan", err)
-        return self.comm.broadcast_object(plan, 0)
+            local, entry = e, PlanEntry(0, 0, 0, 0, 0, True)
+            extra = pickle.dumps((describe(e), format_traceback(e)), protocol=pickle.HIGHEST_PROTOCOL)
+        got = comm.gather_records(entry.pack(), extra)
+        answer = self._plan_on_coordinator(got, info) if got is not None else None
+        answer = comm.broadcast_object(answer)
+        if answer[0] == "fail":
+            raise DistLoadError.from_failures("plan", answer[1], answer[2]) from local
+        return answer[1]
+
+    def _plan_on_coordinator(self, got: list[tuple[bytes, bytes | None]], mine) -> tuple:
+        """(rank 0) ``("plan", plan)``, or ``("fail", failures, tracebacks)`` naming the ranks to blame."""
+        entries, failed, self.roster = roster(got, mine)
+        if failed:
+            return "fail", {r: m[0] for r, m in failed.items()}, {r: m[1] for r, m in failed.items()}
+        mine_type = self.comm.device.type
+        names = {digest32(t): t for t in (mine_type, "cpu", "cuda", "xpu", "mps", "hpu", "meta")}
+        devices = {r: names.get(e.path, "another device type") for r, e in enumerate(entries)
+                   if e.path != entries[0].path}
+        if devices:
+            return "fail", {r: f"its model is on {d} but rank 0's is on {mine_type}; every rank must save from "
+                               "the same device type" for r, d in devices.items()}, None
+        odd = {r: "its model's state dict (names, shapes, dtypes or sharding) differs from rank 0's"
+               for r, e in enumerate(entries) if e.check != entries[0].check}
+        if odd:
+            return "fail", odd, None
+        try:
+            outs = output_tensors(self.model, self.tensors, self.dtype)
+            used = {o.source for o in outs}
+            sh = {k: v for k, v in shardings(self.model, getattr(self.comm, "group", None)).items() if k in used}
+            shapes = {k: tuple(v.shape) for k, v in self.tensors.items() if k in used}
+            if self.remote:
+                self.sink = _object_sink(str(self.target))
+                self.began = True
+                stage = self.sink.begin()
+            else:
+                target = resolve_target(self.target)  # a symlink: the folder it points to
+                target.parent.mkdir(parents=True, exist_ok=True)
+                stage = stage_dir(target, secrets.token_hex(6))
+                os.mkdir(stage)
+                self.stage = stage
+            return "plan", build_plan(outs, sh, shapes, self.roster, max_shard_size=self.max_shard_size,
+                                      bucket_bytes=self.bucket_bytes, stage=str(stage))
+        except Exception as e:
+            return "fail", {0: describe(e)}, {0: format_traceback(e)}
 
     # ---- transfer --------------------------------------------------------------
 
@@ -325,9 +348,13 @@ class _Save:
     def transfer(self, plan: SavePlan, files: dict[int, Output], queue: WriteQueue) -> None:
         """(all ranks) Walk the chunks: writers assemble and queue writes; holders of shards send theirs.
 
-        Each chunk with pieces of sharded tensors starts with a status
-        all-reduce, so a failure anywhere (a write error on the writer
-        thread included) stops every rank at the same chunk.
+        A writer works out who sends it what (:func:`contributions`); any
+        other rank only what it sends (:func:`own_parts`), and ranks with
+        nothing in a chunk skip it. A failure anywhere (a write error on the
+        writer thread included) is agreed on every :data:`AGREE_EVERY`
+        chunks with shard pieces: meanwhile a failed rank still sends and
+        receives every message, with stand-in bytes, so no peer is left
+        waiting, and nothing it received is written.
 
         The scratch buffer (one chunk of received or packed bytes, on the
         transport's device) is reserved before the first such chunk, so a
@@ -349,14 +376,18 @@ class _Save:
             assert scratch is not None, "reserved before the first remote chunk's agreement"
             return scratch[:n]
 
+        remote = 0
         for chunk in plan.chunks:
             if chunk.remote:
-                self.comm.agree("transfer", self.error or queue.error())
-                parts = contributions(plan, chunk)
+                if remote % AGREE_EVERY == 0:
+                    self.comm.agree("transfer", self.error or queue.error())
+                remote += 1
                 if rank == chunk.writer:
-                    self._gather(plan, chunk, parts, files, queue, pool, scratch_of)
-                elif rank in parts:
-                    self._send(plan, chunk, parts[rank], scratch_of)
+                    self._gather(plan, chunk, contributions(plan, chunk), files, queue, pool, scratch_of)
+                else:
+                    mine = own_parts(plan, chunk, rank)
+                    if mine:
+                        self._send(plan, chunk, mine, scratch_of)
             elif rank == chunk.writer and self.error is None:  # after a failure, on to the next agreement
                 self._write_local(plan, chunk, files, queue, pool)
 
@@ -541,16 +572,37 @@ class _Save:
             warnings.warn(f"distload save: {w}", stacklevel=4)
 
     def report(self, plan: SavePlan, files: dict[int, Output], written: int, seconds: float) -> SaveReport:
-        info = rank_info(self.comm.rank)
-        report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host, node=info.node_key,
-                            path=str(self.target), files=sorted(plan.files[i].name for i in files),
-                            bytes_written=written, bytes_sent=self.sent, bytes_received=self.received,
-                            total_bytes=sum(f.size for f in plan.files), seconds=seconds,
-                            peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered, warnings=list(self.warnings))
-        gathered = self.comm.all_gather_object(report.to_dict())
-        for g in gathered:
-            g.pop("ranks", None)
-        report.ranks = gathered
+        """(all ranks) This rank's report; rank 0's also holds every rank's figures, sent as one record each."""
+        error, record, report = None, b"", None
+        try:
+            info = rank_info(self.comm.rank)
+            report = SaveReport(rank=self.comm.rank, world_size=self.comm.world_size, host=info.host,
+                                node=info.node_key, path=str(self.target),
+                                files=sorted(plan.files[i].name for i in files), bytes_written=written,
+                                bytes_sent=self.sent, bytes_received=self.received,
+                                total_bytes=sum(f.size for f in plan.files), seconds=seconds,
+                                peak_rss_bytes=peak_rss_bytes(), chunks=self.gathered,
+                                warnings=list(self.warnings))
+            record = SAVE_REPORT.pack(written, self.sent, self.received, self.gathered,
+                                      report.peak_rss_bytes // 1024, seconds)
+        except Exception as e:
+            error = e
+        self.comm.agree("report", error)
+        assert report is not None
+        got = self.comm.gather_records(record, extras=False)
+        if got is not None:
+            names: dict[int, list[str]] = {}
+            for spec, w in zip(plan.files, plan.writers):
+                names.setdefault(w, []).append(spec.name)
+            for r, (rec, _) in enumerate(got):
+                wrote, sent, received, chunks, kib, secs = SAVE_REPORT.unpack(rec)
+                place = self.roster[r]
+                report.ranks.append(dict(
+                    rank=r, world_size=report.world_size, host=place.host, node=place.node_key,
+                    path=report.path, files=sorted(names.get(r, [])), bytes_written=wrote, bytes_sent=sent,
+                    bytes_received=received, total_bytes=report.total_bytes, seconds=secs,
+                    gbps=report.total_bytes / secs / 1e9 if secs > 0 else 0.0, peak_rss_bytes=kib * 1024,
+                    chunks=chunks))
         return report
 
     # ---- failure -------------------------------------------------------------------

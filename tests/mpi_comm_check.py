@@ -28,11 +28,17 @@ def main() -> None:
     s = torch.tensor(3.5) if r == 1 else torch.tensor(0.0)
     c.broadcast_(s, 1)
     seen["bcast"] = b.tolist() + [s.item()]
-    n = 5
-    send = torch.arange(n * w, dtype=torch.uint8) if r == 1 else None
-    got = torch.empty(n, dtype=torch.uint8)
-    c.scatter_(got, 1, send)
+    # a scatter of variable sizes, point to point: rank 1 sends rank q exactly q + 1 bytes
+    if r == 1:
+        c.exchange_([(torch.arange(q + 1, dtype=torch.uint8) + 10 * q, q) for q in range(w) if q != 1], [])
+        got = torch.arange(2, dtype=torch.uint8) + 10
+    else:
+        got = torch.empty(r + 1, dtype=torch.uint8)
+        c.exchange_([], [(got, 1)])
     seen["scatter"] = got.tolist()
+    record = torch.tensor([r, 100 + r], dtype=torch.int64)
+    gathered = c.gather_(record, 2)
+    seen["records"] = gathered.tolist() if gathered is not None else None
     seen["failed_none"] = c.any_failed(False)
     seen["failed"] = c.any_failed(r in (0, w - 1))
     try:

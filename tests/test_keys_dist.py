@@ -243,17 +243,15 @@ def test_gathered_sources_reach_only_the_op_rank(runs, ckpts, mode):
 
 
 def _op_cases(path: str) -> dict:
-    """Two loads of dinov2: FSDP2 with scatters over the whole group (as over MPI), then one whose op raises."""
+    """Two loads of dinov2: FSDP2 with results sent point to point to their holders, then one whose op raises."""
     import time
 
     import distload
-    from distload.transport.comm import TorchComm
     from distload.errors import DistLoadError
     from distload.plan.keys import GatheredOp
     from transformers import Dinov2Model
 
-    TorchComm.has_subgroups = property(lambda self: False)  # what MpiComm and partial groups do
-    out = {"whole_group": _one("dinov2", path, "fsdp")}
+    out = {"point_to_point": _one("dinov2", path, "fsdp")}
 
     def boom(self, tensors, model):
         raise RuntimeError("injected op failure")
@@ -276,11 +274,11 @@ def op_runs(runs) -> list[dict]:
     return runs[("fsdp", 3)]
 
 
-def test_fsdp2_results_scatter_over_the_whole_group_without_subgroups(op_runs):
+def test_fsdp2_results_reach_their_holders_point_to_point(op_runs):
     for rank, res in enumerate(op_runs):
-        got = res["whole_group"]
+        got = res["point_to_point"]
         assert got["unequal"] == [] and got["same_output"], rank
-        assert sum(len(r["report"]["ops_run"]) for r in (x["whole_group"] for x in op_runs)) == 4
+        assert sum(len(r["report"]["ops_run"]) for r in (x["point_to_point"] for x in op_runs)) == 4
 
 
 def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(op_runs):
@@ -289,7 +287,7 @@ def test_a_failing_op_fails_every_rank_naming_the_op_and_leaves_models_on_meta(o
     assert len({res[0] for res in results}) == 1, "every rank raises the same error"
     text, failed, _, _ = results[0]
     assert "injected op failure" in text and "Chunk(dim=0)" in text and "encoder.layer.0.mlp.weights_in" in text
-    ran = {r for r, res in enumerate(op_runs) if res["whole_group"]["report"]["ops_run"]}
+    ran = {r for r, res in enumerate(op_runs) if res["point_to_point"]["report"]["ops_run"]}
     assert "convert failed on rank" in text and failed and set(failed) <= ran  # op ranks (of the first batch)
     for _, _, seconds, all_meta in results:
         assert seconds < 30 and all_meta

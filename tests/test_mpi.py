@@ -64,7 +64,8 @@ def test_torch_distributed_bootstrapped_from_mpiexec_loads_bit_for_bit(ckpt, tmp
 
 
 def test_mpi_collectives_broadcast_scatter_and_agree_on_errors(tmp_path):
-    """MpiComm alone, 3 ranks: objects, any-dtype broadcasts, a real scatter, and error agreement."""
+    """MpiComm alone, 3 ranks: objects, any-dtype broadcasts, variable-size sends, a gather to one rank, and
+    error agreement."""
     _require_mpi()
     proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(TESTS / "mpi_comm_check.py"), str(tmp_path)],
                           env=clean_env(), capture_output=True, text=True, timeout=100)
@@ -73,7 +74,8 @@ def test_mpi_collectives_broadcast_scatter_and_agree_on_errors(tmp_path):
         assert seen["gathered"] == [{"r": 0}, {"r": 1}, {"r": 2}]
         assert seen["object"] == ["plan", 3]
         assert seen["bcast"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 3.5]
-        assert seen["scatter"] == list(range(5 * r, 5 * r + 5)), "each rank gets its own segment"
+        assert seen["scatter"] == [10 * r + i for i in range(r + 1)], "each rank gets exactly its own bytes"
+        assert seen["records"] == ([0, 100, 1, 101, 2, 102] if r == 2 else None), "only the root receives records"
         assert seen["failed_none"] is False and seen["failed"] is True
         assert seen["agreed"] == {"failures": {"2": "OSError: disk gone on rank 2"}, "phase": "transfer"}
 

@@ -476,7 +476,7 @@ def test_split_follows_save_pretrained_and_headers_parse_as_safetensors():
 
 
 def test_contributions_cover_each_element_once_with_replicated_dims():
-    from distload.plan.save_plan import OutTensor, build_plan, contributions
+    from distload.plan.save_plan import OutTensor, build_plan, contributions, own_parts
     from distload.plan.shard import Placement, Sharding
 
     # HSDP-like: replicate over mesh dim 0, shard rows over dim 1, world 4; the writer holds half.
@@ -487,8 +487,12 @@ def test_contributions_cover_each_element_once_with_replicated_dims():
     plan = type(plan)(**{**plan.__dict__, "world_size": 4, "writers": (2,)})
     chunk = type(plan.chunks[0])(0, 2, plan.chunks[0].offset, 60, plan.chunks[0].pieces, True)
     parts = contributions(plan, chunk)
-    assert sorted(parts) == [1, 2]  # rank 2 holds rows 0-2 itself; rows 3-4 from rank 1, the lowest holder
-    assert parts[2] == [(0, ((0, 3), (0, 3)))] and parts[1] == [(0, ((3, 5), (0, 3)))]
+    # Rank 2 holds rows 0-2 itself; rows 3-4 come from rank 3, the replica on the writer's side of the
+    # replicate dim (rank 1 holds them too and sends nothing).
+    assert sorted(parts) == [2, 3]
+    assert parts[2] == [(0, ((0, 3), (0, 3)))] and parts[3] == [(0, ((3, 5), (0, 3)))]
+    assert {r: own_parts(plan, chunk, r) for r in (0, 1, 3)} == {0: [], 1: [], 3: parts[3]}, \
+        "each sender works out its own part alone, as the writer does"
 
 
 def test_save_cli_reshards_a_checkpoint_under_torchrun(llama, tmp_path):

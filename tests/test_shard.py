@@ -102,8 +102,9 @@ def test_scatter_chunks_give_each_rank_every_local_byte_once_and_read_each_byte_
             assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
     for c in sp.scatters:
         assert c.nbytes <= bucket or len(c.slabs) == 1  # one row may exceed a tiny bucket
-        for parts in c.parts:
-            assert all(p.seg_offset % 8 == 0 and p.seg_offset + p.nbytes <= c.seg_bytes for p in parts)
+        for parts in c.parts:  # a message is its parts back to back, no padding
+            assert [p.seg_offset for p in parts] == [sum(q.nbytes for q in parts[:i]) for i in range(len(parts))]
+            assert sum(p.nbytes for p in parts) <= c.recv_bound
 
 
 def test_slice_reads_cover_each_ranks_rows_as_one_byte_range():

@@ -115,17 +115,18 @@ def _file(name: str, tensors: list[tuple[str, tuple[int, ...]]]) -> ShardFile:
     return ShardFile(name, 8 + pos, 8, tuple(entries))
 
 
-def test_a_tensor_on_a_two_rank_submesh_is_scattered_over_its_own_ranks_only():
+def test_a_tensor_on_a_two_rank_submesh_is_sent_to_its_own_ranks_only():
     files = (_file("a.safetensors", [("w", (8, 4)), ("v", (8, 4))]),)
     sub = Sharding((0, 1), (2,), (MeshPlacement("shard", 0),))  # ranks 0 and 1 of a world of 4
     other = Sharding((2, 3), (2,), (MeshPlacement("shard", 0),))
     layouts = {"w": layout_of((8, 4), sub, 4), "v": layout_of((8, 4), other, 4)}
     sp = build_shard_plan(files, (0,), layouts, world_size=4, bucket_bytes=1 << 20, read_policy="scatter")
-    by_name = {c.slabs[0].name: c for c in sp.scatters}
-    assert by_name["w"].ranks == (0, 1)
-    assert by_name["w"].send_bytes == 2 * by_name["w"].seg_bytes == 2 * 4 * 4 * 4
-    assert by_name["v"].ranks == (0, 2, 3), "the owner joins the mesh's ranks"
-    assert sp.send_bytes == 3 * by_name["v"].seg_bytes
+    (chunk,) = sp.scatters  # neighbours coalesce whatever their mesh: each message goes to its holders
+    by_rank = chunk.parts_by_rank()
+    assert sorted(by_rank) == [0, 1, 2, 3]
+    assert {r: [p.name for p in parts] for r, parts in by_rank.items()} == {0: ["w"], 1: ["w"], 2: ["v"], 3: ["v"]}
+    assert chunk.send_bytes == sp.send_bytes == 2 * 8 * 4 * 4, "every byte once: no padding, no outsider"
+    assert chunk.wire_bytes == 2 * 8 * 4 * 4 - 4 * 4 * 4, "all but the owner's own half of w"
 
 
 def test_the_schedule_lists_broadcasts_then_scatters_then_slices():

@@ -162,7 +162,7 @@ def _world_comm(device: torch.device) -> Comm:
     if world.world_size == 1:
         return LocalComm(device)
     data_device = device if device.type == "cuda" else torch.device("cpu")
-    return TorchComm(world.device_group, data_device, control_group=world.cpu_group, make_groups=False)
+    return TorchComm(world.device_group, data_device, control_group=world.cpu_group)
 
 
 def _wanted(model: nn.Module) -> Callable[[str], bool] | None:

@@ -3,9 +3,12 @@ and the chunks the bytes travel in. The load plan, run backwards.
 
 Pure and deterministic (no torch, no processes). The coordinator builds a
 :class:`SavePlan` once from the model's metadata and sends it to every rank;
-each rank then derives its own part of every chunk (:func:`contributions`)
-from the plan and the tensors' shardings, so the plan stays the same size
-whatever the world size.
+each rank then derives its own part of each chunk from the plan and the
+tensors' shardings, so the plan stays the same size whatever the world size.
+A rank that holds shards computes only what it sends (:func:`own_parts`,
+a few steps per piece); a file's writer computes who sends it what
+(:func:`contributions`), walking only the ranks whose shards meet each
+piece. No rank looks at every rank's region of every piece.
 
 An output tensor is a *box* of one state-dict tensor (its ``source``): the
 whole tensor for a plain parameter, or for example one expert's rows of a
@@ -17,6 +20,7 @@ then writes it at its offset.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -27,7 +31,7 @@ from functools import cached_property
 from ..errors import DistLoadError
 from .items import RankInfo
 from .load_plan import assign_files
-from .shard import Layout, Sharding, intersect, layout_of, position
+from .shard import Layout, Sharding, clipped_boxes, layout_of, position
 
 Box = tuple[tuple[int, int], ...]  # [start, end) along every dim of the source tensor
 Part = tuple[int, Box]  # (piece index in its chunk, sub-box in source coordinates)
@@ -110,7 +114,11 @@ class SavePlan:
     shapes: dict[str, tuple[int, ...]]  # every source's global shape
     bucket_bytes: int
     stage: str  # the hidden directory the files are written in, beside the target
-    ranks: tuple[RankInfo, ...] = ()
+    ranks: tuple[RankInfo, ...] = ()  # every rank's place, on the coordinator only: it does not travel
+
+    def __reduce__(self):
+        return SavePlan, (self.world_size, self.tensors, self.files, self.writers, self.chunks, self.shardings,
+                          self.shapes, self.bucket_bytes, self.stage)
 
     @property
     def total_bytes(self) -> int:
@@ -131,18 +139,37 @@ class SavePlan:
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     @cached_property
-    def _layouts(self) -> dict[str, Layout]:
+    def _layouts(self) -> dict:
         return {}
 
     def layout(self, source: str) -> Layout | None:
-        """(any rank) Every rank's region of a DTensor source, computed once per rank; None when plain."""
+        """(any rank) Every rank's region of a DTensor source; None when plain.
+
+        One Layout per distinct (shape, sharding), made on first use: thousands
+        of sources share a few, and each computes its summary once.
+        """
         sh = self.shardings.get(source)
         if sh is None:
             return None
         cache = self._layouts
-        if source not in cache:
-            cache[source] = layout_of(self.shapes[source], sh, self.world_size)
-        return cache[source]
+        got = cache.get(source)
+        if got is None:
+            key = (self.shapes[source], sh)
+            got = cache.get(key)
+            if got is None:
+                got = cache[key] = layout_of(self.shapes[source], sh, self.world_size)
+            cache[source] = got
+        return got
+
+    def own_region(self, tensor: int, rank: int):
+        """(any rank) ``rank``'s region of output tensor ``tensor``'s source when it may send shards of it:
+        None for plain and fully replicated sources (the writer has those) and where it holds nothing."""
+        cache = self.__dict__.setdefault("_own", {})
+        key = (tensor, rank)
+        if key not in cache:
+            layout = self.layout(self.tensors[tensor].source)
+            cache[key] = None if layout is None or layout.replicated else layout.regions[rank]
+        return cache[key]
 
     def describe(self) -> str:
         lines = [f"save plan: {len(self.tensors)} tensor(s), {self.total_bytes / 1e9:.3f} GB in {len(self.files)} "
@@ -260,20 +287,16 @@ def chunk_file(file_idx: int, spec: FileSpec, writer: int, tensors: tuple[OutTen
 
 
 def interleave(streams: dict[int, list[Chunk]]) -> tuple[Chunk, ...]:
-    """Merge per-writer chunk lists, always next from the writer given the fewest bytes so far,
-    so every writer's disk stays busy while the others' chunks travel."""
-    given = {w: 0 for w in streams}
-    pos = {w: 0 for w in streams}
+    """Merge per-writer chunk lists, always next from the writer given the fewest bytes so far (ties to the
+    lowest rank), so every writer's disk stays busy while the others' chunks travel."""
+    heap = [(0, w, 0) for w in sorted(streams) if streams[w]]  # (bytes given, writer, next position)
     out: list[Chunk] = []
-    live = [w for w in sorted(streams) if streams[w]]
-    while live:
-        w = min(live, key=lambda x: (given[x], x))
-        c = streams[w][pos[w]]
+    while heap:
+        given, w, pos = heapq.heappop(heap)
+        c = streams[w][pos]
         out.append(c)
-        given[w] += c.nbytes
-        pos[w] += 1
-        if pos[w] == len(streams[w]):
-            live.remove(w)
+        if pos + 1 < len(streams[w]):
+            heapq.heappush(heap, (given + c.nbytes, w, pos + 1))
     return tuple(out)
 
 
@@ -313,16 +336,7 @@ def build_plan(tensors: list[OutTensor], shardings: dict[str, Sharding], shapes:
 
 def sub_boxes(region: tuple, box: Box) -> list[Box]:
     """The intersection of a rank's region (sorted ranges per dim) with a box, as boxes in row-major order."""
-    per_dim = []
-    for ranges, (a, b) in zip(region, box):
-        got = intersect(ranges, a, b)
-        if not got:
-            return []
-        per_dim.append(got)
-    out: list[Box] = [()]
-    for got in per_dim:
-        out = [prev + (iv,) for prev in out for iv in got]
-    return out
+    return clipped_boxes(region, box)
 
 
 def local_box(region: tuple, box: Box) -> Box:
@@ -335,12 +349,17 @@ def local_box(region: tuple, box: Box) -> Box:
 
 
 def contributions(plan: SavePlan, chunk: Chunk) -> dict[int, list[Part]]:
-    """(any rank) Which rank sends which sub-boxes of each piece of a chunk, in the order they travel.
+    """(the chunk's writer) Which rank sends which sub-boxes of each piece, in the order they travel.
 
     A plain source is served whole by the writer. For a DTensor, each distinct
-    region is sent by one of the ranks that hold it: the writer when it is one
-    of them (no traffic), else the lowest. A rank's parts travel as one
-    message, concatenated in this order.
+    region that meets the piece is sent by one of the ranks holding it: the
+    writer when it is one of them (no traffic), else the replica sharing the
+    writer's coordinates on the mesh's replicate dims (so a replicated mesh
+    dim spreads the sending over its replicas as the writers spread). Only
+    the ranks whose region meets the piece are looked at
+    (:meth:`~distload.plan.shard.Layout.meeting`). A rank's parts travel as
+    one message, concatenated in this order, which :func:`own_parts` gives
+    each sender alike.
     """
     out: dict[int, list[Part]] = {}
     for k, piece in enumerate(chunk.pieces):
@@ -349,17 +368,25 @@ def contributions(plan: SavePlan, chunk: Chunk) -> dict[int, list[Part]]:
         if layout is None or layout.replicated:
             out.setdefault(chunk.writer, []).append((k, piece.box))
             continue
-        holders: dict[tuple, list[int]] = {}
-        for r, region in enumerate(layout.regions):
-            if region is not None:
-                holders.setdefault(region, []).append(r)
-        covered = 0
-        for region, rs in holders.items():
-            src = chunk.writer if chunk.writer in rs else rs[0]
-            for sub in sub_boxes(region, piece.box):
-                out.setdefault(src, []).append((k, sub))
-                covered += math.prod(b - a for a, b in sub)
-        if covered != math.prod(b - a for a, b in piece.box):
+        hits, exact = layout.boxes_meeting(piece.box, replica_of=chunk.writer)
+        for src, sub in hits:
+            got = out.get(src)
+            if got is None:
+                got = out[src] = []
+            got.append((k, sub))
+        if not exact and sum(math.prod(b - a for a, b in sub) for _, sub in hits) != \
+                math.prod(b - a for a, b in piece.box):
             raise DistLoadError(f"{t.source}: its shards do not cover each element exactly once "
                                 f"(placements {plan.shardings[t.source].placements}); cannot save it")
-    return out
+    return {r: out[r] for r in sorted(out)}
+
+
+def own_parts(plan: SavePlan, chunk: Chunk, rank: int) -> list[Part]:
+    """(a rank other than the chunk's writer) What it sends the writer: its own region's sub-boxes of each
+    piece it is chosen to send (see :func:`contributions`), from its own region alone."""
+    mine: list[Part] = []
+    for k, piece in enumerate(chunk.pieces):
+        region = plan.own_region(piece.tensor, rank)
+        if region is not None and plan.layout(plan.tensors[piece.tensor].source).sends_own(rank, chunk.writer):
+            mine.extend((k, sub) for sub in sub_boxes(region, piece.box))
+    return mine

@@ -15,6 +15,7 @@ row-major gather of ``region[0] x region[1] x ...`` in increasing order.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from functools import cached_property
 Interval = tuple[int, int]  # [start, end) of global indices along one dim
 Ranges = tuple[Interval, ...]  # sorted, disjoint, non-empty intervals
 Region = tuple[Ranges, ...]  # one Ranges per tensor dim
+Box = tuple[Interval, ...]  # one [start, end) per tensor dim
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,81 @@ class Layout:
         """Each rank's piece is one contiguous byte range and no two overlap."""
         return self.summary.sliceable
 
+    def meeting(self, box: Box, replica_of: int | None = None) -> list[tuple[int, Region]]:
+        """(any rank) The ranks whose non-empty region meets ``box``, with their regions, sorted by rank.
+
+        ``box`` is one ``[start, end)`` per dim. Costs about one step per rank
+        returned, not per rank of the mesh: the walk over mesh dims prunes every
+        coordinate whose piece misses the box (:func:`regions_meeting`).
+
+        With ``replica_of``, one rank per distinct region instead of every
+        replica: the one sharing ``replica_of``'s coordinates along the mesh's
+        replicate dims (the replica 0 when ``replica_of`` is not on the mesh;
+        on several disjoint meshes, ``replica_of``'s mesh, else the first).
+        So ``replica_of`` itself is chosen for every region it holds.
+        """
+        regions = self.regions
+        if isinstance(regions, LazyRegions):
+            return regions_meeting(self.shape, regions.sharding, box, regions.world,
+                                   _replica(regions.sharding, replica_of))
+        if isinstance(regions, UnionRegions):
+            parts = regions.parts if replica_of is None else [_chosen_part(regions, replica_of)]
+            out = [hit for p in parts for hit in
+                   regions_meeting(self.shape, p.sharding, box, p.world, _replica(p.sharding, replica_of))]
+            return sorted(out, key=lambda hit: hit[0])
+        hits = [(r, region) for r, region in enumerate(regions) if region is not None and _meets_box(region, box)]
+        if replica_of is None:
+            return hits
+        first: dict = {}  # explicit regions: replica_of where it holds the region, else the lowest holder
+        for r, region in hits:
+            if region not in first or r == replica_of:
+                first[region] = r
+        return sorted(((r, region) for region, r in first.items()), key=lambda hit: hit[0])
+
+    def boxes_meeting(self, box: Box, replica_of: int | None = None) -> tuple[list[tuple[int, Box]], bool]:
+        """(any rank) Each rank's region clipped to ``box``, as boxes, picked as :meth:`meeting` picks ranks.
+
+        Returns ``(hits, exact)``: ``(rank, sub-box)`` pairs sorted by rank
+        (a rank with several intervals along a dim gets one box per
+        combination, in row-major order), and whether the boxes are known to
+        cover ``box`` exactly once (every separable layout: then callers need
+        not count). For a separable layout each rank's box comes from its
+        coordinates' pieces clipped once per mesh coordinate, not per rank.
+        """
+        regions = self.regions
+        if isinstance(regions, LazyRegions) and _separable(regions.sharding) and replica_of is not None:
+            sh = regions.sharding
+            if len(box) != len(self.shape) or any(lo >= hi for lo, hi in box):
+                return [], True
+            strides = [math.prod(sh.mesh_shape[j + 1:]) for j in range(len(sh.mesh_shape))]
+            return _separable_meeting(self.shape, sh, box, regions.world, _replica(sh, replica_of), strides,
+                                      clip=True), True
+        out: list[tuple[int, Box]] = []
+        for rank, region in self.meeting(box, replica_of):
+            out.extend((rank, sub) for sub in clipped_boxes(region, box))
+        return out, False
+
+    def sends_own(self, rank: int, replica_of: int) -> bool:
+        """(any rank) Whether ``meeting(..., replica_of)`` picks ``rank`` for its own region: O(mesh dims)."""
+        cache = self.__dict__.setdefault("_sends", {})
+        got = cache.get((rank, replica_of))
+        if got is None:
+            got = cache[(rank, replica_of)] = self._sends_own(rank, replica_of)
+        return got
+
+    def _sends_own(self, rank: int, replica_of: int) -> bool:
+        regions = self.regions
+        if isinstance(regions, UnionRegions):
+            part = _chosen_part(regions, replica_of)
+            return part._at(rank) is not None and _is_replica(part.sharding, rank, replica_of)
+        if isinstance(regions, LazyRegions):
+            return regions._at(rank) is not None and _is_replica(regions.sharding, rank, replica_of)
+        region = regions[rank]
+        if region is None:
+            return False
+        full = tuple((0, n) for n in self.shape)
+        return any(r == rank for r, _ in self.meeting(full, replica_of) if _ == region)
+
 
 def _enumerated_summary(layout: Layout) -> Summary:
     """The summary by looking at every rank's region (any sharding)."""
@@ -423,19 +500,205 @@ def local_region(shape: tuple[int, ...], sharding: Sharding, coord: tuple[int, .
     """The global ranges held at mesh coordinate ``coord``, applying placements left to right."""
     region = [full_ranges(n) for n in shape]
     for mdim, pl in enumerate(sharding.placements):
-        k, i = sharding.mesh_shape[mdim], coord[mdim]
-        if pl.kind == "replicate":
-            continue
-        cur = region[pl.dim]
-        if pl.kind == "shard":
-            region[pl.dim] = take(cur, *chunk_bounds(length(cur), k, i))
-        else:  # strided: split into `split` pieces, shard each, keep piece i of every one
-            parts: list[Interval] = []
-            for j in range(pl.split):
-                piece = take(cur, *chunk_bounds(length(cur), pl.split, j))
-                parts.extend(take(piece, *chunk_bounds(length(piece), k, i)))
-            region[pl.dim] = merge(parts)
+        if pl.kind != "replicate":
+            region[pl.dim] = _split(pl, region[pl.dim], sharding.mesh_shape[mdim], coord[mdim])
     return tuple(region)
+
+
+def _split(pl: Placement, cur: Ranges, k: int, i: int) -> Ranges:
+    """Piece ``i`` of ``k`` that placement ``pl`` cuts the ranges ``cur`` (one tensor dim) into."""
+    if pl.kind == "shard":
+        return take(cur, *chunk_bounds(length(cur), k, i))
+    parts: list[Interval] = []  # strided: split into `split` pieces, shard each, keep piece i of every one
+    for j in range(pl.split):
+        piece = take(cur, *chunk_bounds(length(cur), pl.split, j))
+        parts.extend(take(piece, *chunk_bounds(length(piece), k, i)))
+    return merge(parts)
+
+
+def _coords(pl: Placement, cur: Ranges, k: int, lo: int, hi: int) -> range | list[int]:
+    """The coordinates along one mesh dim whose piece of ``cur`` can meet ``[lo, hi)``.
+
+    In closed form when ``cur`` is one interval (the usual case: a bisection
+    per piece, not a walk over the ``k`` pieces): ``Shard`` cuts it into
+    ``k`` pieces, ``_StridedShard`` first into ``split`` parts of ``k``
+    pieces each. Every coordinate otherwise.
+    """
+    if len(cur) != 1 or pl.kind not in ("shard", "strided"):
+        return range(k)
+    a0, b0 = cur[0]
+    if pl.kind == "shard":
+        return _coord_range(a0, b0, k, lo, hi)
+    got: set[int] = set()
+    for j in range(pl.split):
+        pa, pb = chunk_bounds(b0 - a0, pl.split, j)
+        got.update(_coord_range(a0 + pa, a0 + pb, k, lo, hi))
+    return sorted(got)
+
+
+def _coord_range(a0: int, b0: int, k: int, lo: int, hi: int) -> range:
+    """The pieces of ``[a0, b0)`` cut ``k`` ways (as ``torch.chunk``) that can meet ``[lo, hi)``."""
+    a, b = max(lo, a0), min(hi, b0)
+    if a >= b:
+        return range(0)
+    size = -(-(b0 - a0) // k)
+    return range((a - a0) // size, min(k - 1, (b - 1 - a0) // size) + 1)
+
+
+def _meets(ranges: Ranges, lo: int, hi: int) -> bool:
+    return any(a < hi and lo < b for a, b in ranges)
+
+
+def _meets_box(region: Region, box: Box) -> bool:
+    return all(_meets(r, lo, hi) for r, (lo, hi) in zip(region, box))
+
+
+def regions_meeting(shape: tuple[int, ...], sharding: Sharding, box: Box, world: int,
+                    replica: dict[int, int] | None = None) -> list[tuple[int, Region]]:
+    """(any rank) The mesh ranks below ``world`` whose non-empty region meets ``box``, sorted by rank.
+
+    Walks the mesh dims left to right as :func:`local_region` applies them,
+    keeping only coordinates whose piece still meets the box, so a row block
+    of a ``Shard(0)`` tensor over 16,384 ranks costs a step per rank holding
+    rows of it. ``replica`` fixes the coordinate of each replicate mesh dim
+    (one replica of every region); None walks them all.
+    """
+    shape, placements, mesh_shape, mesh = tuple(shape), sharding.placements, sharding.mesh_shape, sharding.mesh
+    if len(box) != len(shape) or any(lo >= hi for lo, hi in box):
+        return []
+    strides = [math.prod(mesh_shape[j + 1:]) for j in range(len(mesh_shape))]
+    if _separable(sharding):
+        return _separable_meeting(shape, sharding, box, world, replica, strides)
+    out: list[tuple[int, Region]] = []
+    region = [full_ranges(n) for n in shape]
+
+    def walk(j: int, flat: int) -> None:
+        if j == len(placements):
+            rank = mesh[flat]
+            if rank < world and _meets_box(region, box):  # also drops empty pieces
+                out.append((rank, tuple(region)))
+            return
+        pl, k = placements[j], mesh_shape[j]
+        if pl.kind == "replicate":
+            for c in (range(k) if replica is None else (replica[j],)):
+                walk(j + 1, flat + c * strides[j])
+            return
+        cur = region[pl.dim]
+        lo, hi = box[pl.dim]
+        for c in _coords(pl, cur, k, lo, hi):
+            piece = _split(pl, cur, k, c)
+            if _meets(piece, lo, hi):
+                region[pl.dim] = piece
+                walk(j + 1, flat + c * strides[j])
+        region[pl.dim] = cur
+
+    walk(0, 0)
+    out.sort(key=lambda hit: hit[0])
+    return out
+
+
+def clipped_boxes(region: Region, box: Box) -> list[Box]:
+    """A region (sorted ranges per dim) clipped to a box, as boxes in row-major order."""
+    if all(len(r) == 1 for r in region):  # one interval per dim: one box at most
+        out = []
+        for ((a, b),), (lo, hi) in zip(region, box):
+            a, b = max(a, lo), min(b, hi)
+            if a >= b:
+                return []
+            out.append((a, b))
+        return [tuple(out)]
+    per_dim = []
+    for ranges, (a, b) in zip(region, box):
+        got = intersect(ranges, a, b)
+        if not got:
+            return []
+        per_dim.append(got)
+    boxes: list[Box] = [()]
+    for got in per_dim:
+        boxes = [prev + (iv,) for prev in boxes for iv in got]
+    return boxes
+
+
+def _separable(sharding: Sharding) -> bool:
+    """Every mesh dim replicates or shards its own tensor dim: a region is one interval per dim, in closed form."""
+    got = sharding.__dict__.get("_separable")
+    if got is None:
+        dims = [pl.dim for pl in sharding.placements if pl.kind != "replicate"]
+        got = all(pl.kind in ("shard", "replicate") for pl in sharding.placements) and len(dims) == len(set(dims))
+        object.__setattr__(sharding, "_separable", got)
+    return got
+
+
+def _separable_meeting(shape: tuple[int, ...], sharding: Sharding, box: Box, world: int,
+                       replica: dict[int, int] | None, strides: list[int], clip: bool = False) -> list:
+    """:func:`regions_meeting` for a separable sharding: per mesh dim, the coordinates whose piece meets the
+    box, in closed form, then their product (a step per rank returned). With ``clip``, each rank's region
+    clipped to the box, as one box (``Box``, not ``Region``)."""
+    split = {pl.dim: j for j, pl in enumerate(sharding.placements) if pl.kind == "shard"}
+    for d, (n, (lo, hi)) in enumerate(zip(shape, box)):
+        if d not in split and not (n > 0 and lo < n and hi > 0):
+            return []
+    options: list[list[tuple[int, int, Interval | None]]] = []  # per mesh dim: (coordinate, flat step, piece)
+    for j, pl in enumerate(sharding.placements):
+        k = sharding.mesh_shape[j]
+        if pl.kind == "replicate":
+            options.append([(c, c * strides[j], None) for c in (range(k) if replica is None else (replica[j],))])
+            continue
+        n = shape[pl.dim]
+        lo, hi = max(box[pl.dim][0], 0), min(box[pl.dim][1], n)
+        size = -(-n // k) if n else 0
+        if not size or lo >= hi:
+            return []
+        got = []
+        for c in range(lo // size, min(k - 1, (hi - 1) // size) + 1):
+            a, b = c * size, min(c * size + size, n)
+            if clip:
+                a, b = max(a, lo), min(b, hi)
+            if a < b:
+                got.append((c, c * strides[j], (a, b)))
+        options.append(got)
+    base: list = list(box) if clip else [full_ranges(n) for n in shape]
+    out: list[tuple[int, Region]] = []
+    mesh = sharding.mesh
+    pieces = [(pl.dim if pl.kind == "shard" else -1) for pl in sharding.placements]
+    if len(options) == 1:  # a 1-D mesh, the usual FSDP case: no product to build
+        d = pieces[0]
+        for _, flat, iv in options[0]:
+            rank = mesh[flat]
+            if rank < world:
+                if d >= 0:
+                    base[d] = iv if clip else (iv,)
+                out.append((rank, tuple(base)))
+    else:
+        for combo in itertools.product(*options):
+            rank = mesh[sum(step for _, step, _ in combo)]
+            if rank < world:
+                region = list(base)
+                for d, (_, _, iv) in zip(pieces, combo):
+                    if d >= 0:
+                        region[d] = iv if clip else (iv,)
+                out.append((rank, tuple(region)))
+    out.sort(key=lambda hit: hit[0])
+    return out
+
+
+def _replica(sharding: Sharding, replica_of: int | None) -> dict[int, int] | None:
+    """The replicate mesh dims' coordinates of ``replica_of`` (0 where it is not on the mesh)."""
+    if replica_of is None:
+        return None
+    coord = sharding.coord(replica_of)
+    return {j: (coord[j] if coord is not None else 0)
+            for j, pl in enumerate(sharding.placements) if pl.kind == "replicate"}
+
+
+def _is_replica(sharding: Sharding, rank: int, replica_of: int) -> bool:
+    coord, want = sharding.coord(rank), _replica(sharding, replica_of)
+    return coord is not None and want is not None and all(coord[j] == c for j, c in want.items())
+
+
+def _chosen_part(regions: UnionRegions, replica_of: int) -> LazyRegions:
+    """Of several disjoint meshes each holding the tensor once, ``replica_of``'s, else the first."""
+    return next((p for p in regions.parts if p.sharding.coord(replica_of) is not None), regions.parts[0])
 
 
 def layout_of(shape: tuple[int, ...], sharding: Sharding | Sequence[Sharding], world_size: int) -> Layout:

@@ -4,8 +4,9 @@ Pure and deterministic, built by the coordinator alongside the broadcast plan.
 Every sharded tensor gets one reading policy:
 
 - ``scatter``: the file's owner reads the tensor once, in row blocks of about
-  one bucket, and each :class:`ScatterChunk` sends every rank exactly its
-  piece of those rows (small tensors are coalesced into one chunk);
+  one bucket, and each :class:`ScatterChunk` sends every rank that holds some
+  of those rows exactly its piece, nothing else (small tensors are coalesced
+  into one chunk);
 - ``slice``: each rank reads its own piece, one contiguous byte range of the
   file, itself (:class:`~distload.plan.items.Chunk` items whose ``owner`` is the
   reading rank), with no network traffic.
@@ -18,26 +19,35 @@ Note on size:
     shape and sharding; a mesh of consecutive ranks pickles as a ``range``)
     and, per tensor, an index into them. Every rank derives the same schedule
     from those and the file headers: the global sequence of scatter chunks
-    (file, owner, byte range, slabs, segment size), which is linear in the
+    (file, owner, byte range, slabs, bounds), which is linear in the
     checkpoint and independent of the world size, and only then, lazily, each
     rank's own :class:`Part` of each chunk (:meth:`ScatterChunk.parts_of`) and
-    its own slice reads (:meth:`ShardPlan.slices_of`). So the plan's bytes do
-    not grow with the world, and no rank builds world x chunks objects unless
-    it walks every rank's parts (the owner of a chunk, for the chunks it sends).
+    its own slice reads (:meth:`ShardPlan.slices_of`). An owner finds the
+    ranks it sends a chunk to by walking only the ranks that hold rows of it
+    (:meth:`ScatterChunk.parts_by_rank`). So the plan's bytes do not grow with
+    the world, and no rank builds world x chunks objects.
+
+Note on what travels:
+    A chunk's messages are exact: rank r receives the bytes of its parts,
+    packed back to back, and no rank outside the holders of the chunk's rows
+    takes part. So the bytes on the wire are the ideal (what each rank needs
+    and does not read itself), and the owner's send buffer is the chunk's
+    bytes times their replication, which the row blocks keep to about one
+    bucket (:attr:`ScatterChunk.send_bytes`).
 """
 
 from __future__ import annotations
 
 import math
 from array import array
-from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from ..format.header import DTYPE_SIZES, ShardFile
 from .items import Chunk, Piece, interleave
-from .shard import Interval, Layout, PerRank, RankTuple, intersect, length, position
+from .shard import Interval, Layout, PerRank, Ranges, intersect, length, position
 
 READ_POLICIES = ("auto", "scatter", "slice")
 # Under "auto" a rank reads its own slice when the piece is at least this big;
@@ -56,13 +66,17 @@ class Slab:
     layout: int = -1  # index into ShardPlan.table (set by the planner)
 
 
-@dataclass(frozen=True)
-class Part:
-    """What one rank receives from one slab: a byte range of its local tensor."""
+class Part(NamedTuple):
+    """What one rank receives from one slab: a byte range of its local tensor.
+
+    A named tuple, not a dataclass: an owner makes one per holder per slab
+    (about a million per owner for a 16,384-rank FSDP load), and a tuple is
+    the cheapest immutable record to make.
+    """
 
     slab: int  # index into ScatterChunk.slabs
     name: str
-    seg_offset: int  # where the bytes sit in the rank's segment
+    seg_offset: int  # where the bytes sit in the rank's message (parts back to back, no padding)
     local_offset: int  # where they go in the rank's local tensor (flat bytes, file dtype)
     nbytes: int
     rows: tuple[Interval, ...]  # the global rows of the slab that the rank holds
@@ -74,22 +88,22 @@ class Part:
 
 @dataclass(frozen=True)
 class ScatterChunk:
-    """One scatter: the owner reads ``[start, start + nbytes)`` and rank r gets ``parts[r]``.
+    """One scatter: the owner reads ``[start, start + nbytes)`` and sends rank r exactly ``parts_of(r)``.
 
-    The scatter runs over ``ranks``: the owner and every rank on the meshes
-    of the chunk's tensors (a tensor on a 2-rank submesh of a 16-rank job is
-    scattered over 2 or 3 ranks, not 16); chunks sharing those ranks share
-    one tuple. ``parts`` is indexed by global rank and empty outside
-    ``ranks``. Every segment is padded to ``seg_bytes`` so the collective
-    moves equal sizes (what gloo and MPI_Scatter need). ``seg_bytes`` is an upper
-    bound on any rank's packed parts that every rank computes alike without
-    looking at every rank: the sum over slabs of the largest piece any rank
-    can hold of that slab (each rounded up to 8 bytes). It equals the largest
-    segment whenever one rank holds a full piece of every slab (every
-    single-slab chunk of a ``Shard(0)`` tensor split evenly, among others).
+    Point to point: only the owner and the ranks holding rows of the chunk
+    take part, each receiving one message of its parts back to back. The
+    chunk's tensors may live on different meshes.
 
-    ``parts`` is computed per rank when looked up: ``parts_of(rank)`` (or
-    ``parts[rank]``) costs one region lookup per slab.
+    ``send_bytes`` is every holder's parts together (the owner's own
+    included): the chunk's bytes times each tensor's replication, which the
+    planner keeps to about one bucket. ``recv_bound`` bounds any one rank's
+    message, computed alike on every rank without looking at any: the sum
+    over slabs of the largest piece any rank can hold of it (exact whenever
+    one rank holds a full piece of every slab, as in every single-slab chunk
+    of an evenly split ``Shard(0)`` tensor).
+
+    ``parts_of(rank)`` costs one region lookup per slab; the owner's
+    ``parts_by_rank()`` costs one step per part.
     """
 
     file: int
@@ -97,19 +111,35 @@ class ScatterChunk:
     start: int
     nbytes: int
     slabs: tuple[Slab, ...]
-    seg_bytes: int
-    ranks: tuple[int, ...] = ()  # the ranks the scatter runs over, sorted
+    recv_bound: int
+    send_bytes: int
     plan: ShardPlan | None = field(default=None, compare=False, repr=False)
 
-    @property
-    def send_bytes(self) -> int:
-        """The padded send buffer: one segment per rank in ``ranks``."""
-        return self.seg_bytes * len(self.ranks)
-
     def parts_of(self, rank: int) -> tuple[Part, ...]:
-        """(any rank) What ``rank`` receives from this chunk, in segment order."""
+        """(any rank) What ``rank`` receives from this chunk, in message order."""
         assert self.plan is not None, "a ScatterChunk computes parts through its ShardPlan"
         return self.plan._parts(self, rank)
+
+    def parts_by_rank(self) -> dict[int, tuple[Part, ...]]:
+        """(the owner) Every holder's parts, by rank (ascending): what ``parts_of`` gives each, in one walk."""
+        assert self.plan is not None, "a ScatterChunk computes parts through its ShardPlan"
+        return self.plan._parts_by_rank(self)
+
+    def own_bytes(self, rank: int) -> int:
+        """The bytes of ``rank``'s parts (its message's size)."""
+        return sum(p.nbytes for p in self.parts_of(rank))
+
+    @property
+    def send_buffer(self) -> int:
+        """The owner's send buffer: every message that needs packing fits, in rounds of at most a
+        bucket (or of one message, when that is larger)."""
+        bucket = self.plan.bucket_bytes if self.plan is not None else self.send_bytes
+        return min(self.send_bytes, max(bucket, self.recv_bound))
+
+    @property
+    def wire_bytes(self) -> int:
+        """What this chunk puts on the wire: every holder's parts but the owner's own."""
+        return self.send_bytes - self.own_bytes(self.owner)
 
     @property
     def parts(self) -> Sequence[tuple[Part, ...]]:
@@ -199,14 +229,12 @@ class ShardPlan:
 
     def _lone_small_scatters(self, policies: dict[str, str]) -> list[str]:
         """Sliceable tensors scattered for their size whose bytes touch no other scattered tensor's."""
-        holders = {t.name: self.table[j].holders for _, t, j in self._sharded()}
         lone = []
         for f in self.files:
             row = [t for t in f.tensors if t.nbytes]  # in file order; empty tensors move nothing
 
             def joins(a, b) -> bool:  # would a and b share a scatter chunk?
-                return (a.end == b.start and policies.get(a.name) == policies.get(b.name) == "scatter"
-                        and holders[a.name] == holders[b.name])
+                return a.end == b.start and policies.get(a.name) == policies.get(b.name) == "scatter"
 
             for k, t in enumerate(row):
                 if policies.get(t.name) != "scatter" or not self.layouts[t.name].sliceable():
@@ -275,20 +303,13 @@ class ShardPlan:
 
     @property
     def send_bytes(self) -> int:
-        """The largest padded send buffer any scatter needs."""
+        """The largest send buffer any scatter needs: its holders' parts together."""
         return max((c.send_bytes for c in self.scatters), default=0)
 
-    def _group(self, owner: int, holders: tuple[int, ...]) -> tuple[int, ...]:
-        """The ranks a scatter runs over: ``holders`` plus ``owner``, one shared tuple per distinct set."""
-        cache = self.__dict__.setdefault("_groups", {})
-        key = (id(holders), owner)
-        got = cache.get(key)
-        if got is None:
-            i = bisect_left(holders, owner)
-            ranks = holders if i < len(holders) and holders[i] == owner else \
-                RankTuple(holders[:i] + (owner,) + holders[i:])
-            got = cache[key] = (holders, ranks)  # holding holders keeps its id unique
-        return got[1]
+    @property
+    def recv_bound(self) -> int:
+        """The largest message any rank can receive from one scatter (:attr:`ScatterChunk.recv_bound`)."""
+        return max((c.recv_bound for c in self.scatters), default=0)
 
     def _held(self, rank: int, j: int):
         """``rank``'s dim-0 ranges and elements per row under layout ``j``; None if it holds nothing."""
@@ -311,24 +332,47 @@ class ShardPlan:
             if held is None:
                 continue
             dim0, row_elems = held
-            lo, hi = slab.rows
-            if len(dim0) == 1:
-                a, b = max(dim0[0][0], lo), min(dim0[0][1], hi)
-                if a >= b:
-                    continue
-                rows: tuple[Interval, ...] = ((a, b),)
-                count, first = b - a, a - dim0[0][0]
-            else:
-                rows = intersect(dim0, lo, hi)
-                if not rows:
-                    continue
-                count, first = length(rows), position(dim0, rows[0][0])
-            item = items[slab.name]
-            n = count * row_elems * item
-            off = -(-off // 8) * 8  # element-aligned for every dtype
-            mine.append(Part(k, slab.name, off, first * row_elems * item, n, rows))
-            off += n
+            part = _part(k, slab, dim0, row_elems, items[slab.name], off)
+            if part is not None:
+                mine.append(part)
+                off += part.nbytes
         return tuple(mine)
+
+    def _parts_by_rank(self, chunk: ScatterChunk) -> dict[int, tuple[Part, ...]]:
+        """Slab by slab, only the ranks holding rows of each (:meth:`Layout.meeting`)."""
+        items = self.itemsizes
+        out: dict[int, list[Part]] = {}
+        offs: dict[int, int] = {}
+        for k, slab in enumerate(chunk.slabs):
+            layout = self.table[slab.layout]
+            box = (slab.rows, *((0, n) for n in layout.shape[1:]))
+            for rank, region in layout.meeting(box):
+                off = offs.get(rank, 0)
+                row_elems = 1
+                for r in region[1:]:
+                    row_elems *= r[0][1] - r[0][0] if len(r) == 1 else length(r)
+                part = _part(k, slab, region[0], row_elems, items[slab.name], off)
+                if part is not None:
+                    out.setdefault(rank, []).append(part)
+                    offs[rank] = off + part.nbytes
+        return {r: tuple(out[r]) for r in sorted(out)}
+
+
+def _part(k: int, slab: Slab, dim0: Ranges, row_elems: int, item: int, off: int) -> Part | None:
+    """A rank's part of slab ``k``, given its dim-0 ranges and elements per row, at ``off`` in its message."""
+    lo, hi = slab.rows
+    if len(dim0) == 1:
+        a, b = max(dim0[0][0], lo), min(dim0[0][1], hi)
+        if a >= b:
+            return None
+        rows: tuple[Interval, ...] = ((a, b),)
+        count, first = b - a, a - dim0[0][0]
+    else:
+        rows = intersect(dim0, lo, hi)
+        if not rows:
+            return None
+        count, first = length(rows), position(dim0, rows[0][0])
+    return Part(k, slab.name, off, first * row_elems * item, count * row_elems * item, rows)
 
 
 def choose_policy(layout: Layout, requested: str, itemsize: int, local_storage: bool) -> str:
@@ -392,21 +436,19 @@ def _scatter_chunks(plan: ShardPlan, file_idx: int, shard: ShardFile, owner: int
                     bucket_bytes: int) -> list[ScatterChunk]:
     """Cut one file's scattered tensors into row blocks and coalesce neighbours.
 
-    A chunk's weight is its bytes times the tensor's replication, which bounds
-    the padded send buffer to about one bucket as well as the read. Only
-    tensors on the same ranks share a chunk, so each scatter runs over its
-    tensors' own mesh.
+    A chunk's weight is its bytes times each tensor's replication: what the
+    owner sends in all, so the send buffer stays about one bucket, as does
+    the read. Tensors on different meshes may share a chunk: each message
+    goes to the ranks holding rows of it, whatever their mesh.
     """
     out: list[ScatterChunk] = []
     slabs: list[Slab] = []
-    start = end = weight = seg = 0
-    group: tuple[int, ...] = ()
+    start = end = weight = bound = 0
 
     def close() -> None:
         nonlocal slabs
         if slabs:
-            out.append(ScatterChunk(file_idx, owner, start, end - start, tuple(slabs), -(-seg // 8) * 8,
-                                    plan._group(owner, group), plan))
+            out.append(ScatterChunk(file_idx, owner, start, end - start, tuple(slabs), bound, weight, plan))
         slabs = []
 
     for t, j in tensors:
@@ -414,10 +456,6 @@ def _scatter_chunks(plan: ShardPlan, file_idx: int, shard: ShardFile, owner: int
         rows = layout.shape[0] if layout.shape else 0
         if rows == 0 or t.nbytes == 0:
             continue
-        holders = layout.holders
-        if holders is not group and holders != group:
-            close()
-            group = holders
         row_bytes = t.nbytes // rows
         summary = layout.summary
         rep = summary.replication
@@ -431,11 +469,10 @@ def _scatter_chunks(plan: ShardPlan, file_idx: int, shard: ShardFile, owner: int
                 close()
             if not slabs:
                 start = end = pos
-                weight = seg = 0
+                weight = bound = 0
             slabs.append(Slab(t.name, pos - start, (a, b), j))
             end = pos + (b - a) * row_bytes
             weight += w
-            piece = min(b - a, summary.max_rows) * summary.max_row_elems * item
-            seg = -(-seg // 8) * 8 + piece
+            bound += min(b - a, summary.max_rows) * summary.max_row_elems * item
     close()
     return out

@@ -7,9 +7,11 @@ is pure and the same on every rank; each :class:`Step` has a kind:
 - ``broadcast``: the owner reads a plan :class:`~distload.plan.items.Chunk` and
   every rank receives all of it (replicated tensors);
 - ``scatter``: the owner reads a
-  :class:`~distload.plan.shard_plan.ScatterChunk`, cuts it into one padded
-  segment per rank (:func:`distload.transfer.scatter.pack`) and one scatter over the
-  chunk's own ranks hands each its segment (DTensor shards);
+  :class:`~distload.plan.shard_plan.ScatterChunk` and sends each rank holding
+  rows of it exactly its pieces, point to point (``Comm.exchange_``): one
+  message per holder, straight from the read buffer when it is one run of
+  whole rows, else packed (:mod:`distload.transfer.scatter`); ranks holding
+  none of it do not take part (DTensor shards);
 - ``slice``: a rank reads its own piece of a tensor; no collective.
 
 Per step, owners read (on a reader thread, ahead of the loop) and every
@@ -37,11 +39,12 @@ consumer can take what landed before its buffers are reused.
 Note on memory (every rank, beyond its destination tensors; B = one bucket,
 or the largest scatter chunk or segment when bigger):
     - CPU: a pool of 2 B that holds reads (read one ahead of the collective)
-      and received chunks and segments; scatter owners add one send buffer
-      (``ScatterChunk.send_bytes``: one segment per rank of the tensor's
-      mesh, about B); ranks reading their own slices with a cast add 1 B.
-      A stand-in of about B (2 B on scatter owners) is reserved but never
-      touched unless this rank's step fails: then it takes part with it.
+      and received chunks and messages; scatter owners add one send buffer
+      for messages that need packing (``ScatterChunk.send_buffer``: at most
+      B, or one message when that is larger; a larger chunk goes out in
+      rounds), allocated only if some message needs it; ranks reading their
+      own slices with a cast add 1 B. A stand-in of about B is reserved but
+      never touched unless this rank's step fails: then it takes part with it.
     - CUDA (:class:`~distload.io.stage.CopyStage`): 3 B of pinned host memory
       for reads and own slices (one being copied, one waiting, one being
       read); on the GPU 2 B taken in turn for staging, receiving and casting
@@ -69,15 +72,12 @@ from ..io.stage import CopyStage
 from ..model.place import Placement
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
-from ..plan.schedule import BROADCAST, SCATTER, SLICE, Step, schedule
-from ..plan.shard_plan import ScatterChunk
+from ..plan.schedule import AGREE_EVERY, BROADCAST, SCATTER, SLICE, Step, schedule
+from ..plan.shard_plan import Part, ScatterChunk
 from ..storage.base import Source
 from ..transport.comm import Comm, Status
-from .scatter import pack
+from .scatter import message_span, pack
 
-# Data collectives per status exchange. A failure is agreed at most this many
-# collectives late (twice as many on CUDA), which bounds the extra work, never a wait.
-AGREE_EVERY = 16
 # Status exchanges posted before the oldest is read: 0 reads each at once (CPU: a
 # host round trip); on CUDA each is read a window later, when the GPU has long
 # finished it, so agreeing never stalls the device pipeline.
@@ -163,7 +163,16 @@ class Transfer:
         on_gpu = comm.device.type == "cuda"
         if on_gpu:  # own slices ride the copy stream while the collectives run (a per-rank order)
             self.steps = spread_slices(self.steps)
-        self.collectives = sum(1 for s in self.steps if s.kind != SLICE)
+        # This rank's parts of every scatter it receives from (one lookup per slab), by chunk.
+        self._parts: dict[int, tuple[Part, ...]] = {}
+        for s in self.steps:
+            if s.kind == SCATTER and s.item.owner != comm.rank:
+                parts = s.item.parts_of(comm.rank)
+                if parts:
+                    self._parts[id(s.item)] = parts
+        # The data steps this rank takes part in: every broadcast, the scatters it sends or receives.
+        self.collectives = sum(1 for s in self.steps if s.kind == BROADCAST or (
+            s.kind == SCATTER and (s.item.owner == comm.rank or id(s.item) in self._parts)))
         self.buffer_bytes = 0
         self.agree_every = AGREE_EVERY
         self.status_lag = STATUS_LAG.get(comm.device.type, 0)
@@ -177,15 +186,6 @@ class Transfer:
 
     # ---- setup ----------------------------------------------------------------
 
-    def _groups(self) -> dict[tuple[int, ...], Comm | None]:
-        """(all ranks, in schedule order) The transport of each scatter's ranks (None where not a member)."""
-        out: dict[tuple[int, ...], Comm | None] = {}
-        if self.comm.has_subgroups:
-            for s in self.steps:
-                if s.kind == SCATTER and s.item.ranks not in out:
-                    out[s.item.ranks] = self.comm.subgroup(s.item.ranks)
-        return out
-
     def _pools(self) -> None:
         """Buffer pools sized from the schedule, so no request is ever larger than a pool's buffers."""
         rank, device, bucket = self.comm.rank, self.comm.device, self.plan.bucket_bytes
@@ -193,30 +193,26 @@ class Transfer:
         on_host = device.type == "cpu"
         mine = [s for s in self.steps if s.item.owner == rank]
         reads = [s.item.nbytes for s in mine if s.kind != SLICE]
-        segs = [s.item.seg_bytes for s in self.steps
-                if s.kind == SCATTER and (rank in s.item.ranks or not self.comm.has_subgroups)]
-        sends = [s.item.seg_bytes * self._segments(s.item) for s in mine if s.kind == SCATTER]
+        receives = [sum(p.nbytes for p in parts) for parts in self._parts.values()]
+        sends = [s.item.send_buffer for s in mine if s.kind == SCATTER]
         slices = [s.item.nbytes for s in mine if s.kind == SLICE]
-        # What a rank whose step failed takes part in a collective with, until the next status exchange.
-        steps = [s for s in self.steps if s.kind != SLICE]
-        need = max([0, *(s.item.nbytes for s in steps if s.kind == BROADCAST),
-                    *(s.item.seg_bytes * (self._segments(s.item) + 1) for s in steps if s.kind == SCATTER)])
+        read_bytes = max([bucket, *reads])
+        # What a rank whose step failed takes part with, until the next status exchange. One stand-in
+        # serves every message of a step: a failed owner sends it to each holder.
+        need = max([0, *(s.item.nbytes for s in self.steps if s.kind == BROADCAST), *receives,
+                    *(s.item.recv_bound for s in mine if s.kind == SCATTER)])
         if on_host:  # reads and receives share one pool
-            read_bytes = max([bucket, *reads])
-            self.read = self.land = BufferPool(2, max([read_bytes, bucket, *segs]), host)
+            self.read = self.land = BufferPool(2, max([read_bytes, *receives]), host)
             self.slice = BufferPool(1, max([0, *slices]), host)
             # Reserved, not touched: no resident memory unless a failed step writes into it, and
             # an allocation that cannot fail later, when a failed rank must still take part.
             self._spare = torch.empty(need, dtype=torch.uint8, device=host)
         else:  # reads and own slices stage through pinned buckets onto the device (distload.io.stage)
-            read_bytes = max([bucket, *reads, *slices])
-            self.stage = CopyStage(device, read_bytes, max([read_bytes, *segs]), stand_in_bytes=need,
+            read_bytes = max([read_bytes, *slices])
+            self.stage = CopyStage(device, read_bytes, max([read_bytes, *receives]), stand_in_bytes=need,
                                    wait_s=self.wait_s)
             self.read, self.land = self.stage.pinned, None
-        self.send = BufferPool(1, max([0, *sends]), device)
-
-    def _segments(self, chunk: ScatterChunk) -> int:
-        return len(chunk.ranks) if self.comm.has_subgroups else self.comm.world_size
+        self.send = BufferPool(1, max([0, *sends]), device)  # allocated only if a message needs packing
 
     # ---- the loop -------------------------------------------------------------
 
@@ -247,7 +243,6 @@ class Transfer:
         comm, rank = self.comm, self.comm.rank
         if pause:
             self.agree_every, self.status_lag = 1, 0
-        self.groups = self._groups()
         try:
             self._pools()
         except Exception as e:  # agreed before the first collective
@@ -371,6 +366,15 @@ class Transfer:
         assert self._spare is not None and nbytes <= self._spare.numel(), "the stand-in was sized from the schedule"
         return self._spare[:nbytes]
 
+    def _filler(self, nbytes: int, src: torch.Tensor | None) -> torch.Tensor:
+        """(a scatter owner whose step failed) Bytes of a holder's message size to send it: the reserved
+        stand-in on CPU, else the chunk's own bytes (no message is larger than its chunk)."""
+        if self._spare is not None:
+            return self._stand_in(nbytes)
+        if src is not None:
+            return src[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+
     # ---- broadcast ---------------------------------------------------------------
 
     def _broadcast(self, chunk: Chunk, error: BaseException | None) -> BaseException | None:
@@ -425,78 +429,117 @@ class Transfer:
     # ---- scatter -------------------------------------------------------------------
 
     def _scatter(self, chunk: ScatterChunk, error: BaseException | None) -> BaseException | None:
-        rank = self.comm.rank
-        if self.comm.has_subgroups:
-            slot = {r: i for i, r in enumerate(chunk.ranks)}
-            sub = self.groups.get(chunk.ranks)
-        else:  # the transport scatters over the whole group: ranks outside get padding
-            slot = {r: r for r in range(self.comm.world_size)}
-            sub = self.comm
-        send, recv, landed, held = None, None, False, []
+        """(every rank) One scatter chunk: the owner sends each holder its message; holders receive it.
+
+        Ranks holding none of the chunk only join the status exchange, which
+        every rank counts alike.
+        """
+        owner = chunk.owner == self.comm.rank
+        parts = self._parts.get(id(chunk), ())
+        if not owner and not parts:
+            self._agree_before(error)
+            return error
+        src, recv, landed, held = None, None, False, []
         if error is None:
             try:
-                if chunk.owner == rank:
-                    send = self._pack(chunk, slot, held)
-                if rank in slot:
-                    recv, landed = self._landing(chunk, held)
+                if owner:
+                    src = self._read_scatter(chunk, held)
+                else:
+                    recv, landed = self._landing(parts, held)
             except Exception as e:
                 error = e
         self._agree_before(error)
-        if error is not None and rank in slot:  # take part all the same, until the next status exchange
-            spare = self._stand_in(chunk.seg_bytes * (len(slot) + 1))
-            send = spare[chunk.seg_bytes:] if chunk.owner == rank else None
-            recv, landed = spare[: chunk.seg_bytes], True
         try:
-            if rank in slot:
-                assert sub is not None, "a scatter group was not made"
-                with self._on_device_queue():
-                    sub.scatter_(recv, slot[chunk.owner], send)
+            with self._on_device_queue():
+                if owner:
+                    error = self._send(chunk, src, held, error)
+                else:
+                    if error is not None:  # take part all the same, until the next status exchange
+                        recv, landed = self._stand_in(sum(p.nbytes for p in parts)), True
+                    assert recv is not None
+                    self.comm.exchange_([], [(recv, chunk.owner)])
                     if not landed:
                         try:
-                            self._commit(chunk, [p.piece for p in chunk.parts[rank]], recv)
+                            self._commit(chunk, [p.piece for p in parts], recv)
                         except Exception as e:
                             error = e
-                if not landed:
-                    self._done(recv)
+            if not landed:
+                self._done(recv)
+            self._done(src)
         finally:
             self._held += held  # released by the walk when it moves on
         return error
 
-    def _pack(self, chunk: ScatterChunk, slot: dict[int, int], held: list) -> torch.Tensor:
-        """(owner) Read the chunk and lay every rank's piece into its segment of one send buffer."""
+    def _read_scatter(self, chunk: ScatterChunk, held: list) -> torch.Tensor:
+        """(owner) The chunk's bytes from the reader; on GPUs uploaded, so pieces are cut on the device."""
         buf, pooled = self._next(self.reader, chunk)
-        staged = None
-        try:
-            src = buf
-            if self.stage is not None:  # cut pieces on the device: one host-to-device copy per chunk
-                staged = src = self._upload(buf, pooled, None)
-                pooled = False
-            send = self.send.acquire(chunk.seg_bytes * len(slot))
-            held.append((self.send, send))
-            assert self.plan.sharded is not None
-            with self._on_device_queue():
-                pack(chunk, src, send, self.plan, self.plan.sharded, slot)
-            return send
-        finally:
-            self._done(staged)
+        if self.stage is None:
             if pooled:
-                self.read.release(buf)
+                held.append((self.read, buf))
+            return buf
+        return self._upload(buf, pooled, None)  # its pinned bucket returns once the copy ran
 
-    def _landing(self, chunk: ScatterChunk, held: list) -> tuple[torch.Tensor, bool]:
-        """(every rank in the scatter) Where this rank's segment lands, and whether that is its destination.
+    def _send(self, chunk: ScatterChunk, src: torch.Tensor | None, held: list,
+              error: BaseException | None) -> BaseException | None:
+        """(owner) Send every holder its message and place the owner's own parts; returns the error, if any.
 
-        The destination itself when the whole segment is one piece needing no
-        cast (the common FSDP case: a full ``Shard(0)`` row block).
+        A message that is one run of the chunk's bytes goes straight from
+        ``src``; others are packed into the send buffer, and when it is full
+        the messages so far go out (a round) before it is reused. After a
+        failure here or earlier the remaining holders get stand-in bytes of
+        their message's size (:meth:`_filler`), so none is left waiting.
         """
-        parts = chunk.parts[self.comm.rank]
-        if len(parts) == 1 and parts[0].nbytes == chunk.seg_bytes:
+        rank, sp = self.comm.rank, self.plan.sharded
+        assert sp is not None
+        cap = chunk.send_buffer
+        sends: list[tuple[torch.Tensor, int]] = []
+        buf: torch.Tensor | None = None
+        used = 0
+        for r, parts in chunk.parts_by_rank().items():
+            n = sum(p.nbytes for p in parts)
+            if error is None:
+                try:
+                    assert src is not None
+                    span = message_span(chunk, parts, sp)
+                    if span is not None:
+                        msg = src[span[0] : span[0] + span[1]]
+                    else:
+                        if used + n > cap:  # a round: send what is packed, then reuse the buffer
+                            self.comm.exchange_(sends, [])
+                            sends, used = [], 0
+                        if buf is None:
+                            buf = self.send.acquire(cap)
+                            held.append((self.send, buf))
+                        msg = buf[used : used + n]
+                        pack(chunk, r, parts, src, msg, self.plan, sp)
+                        used += n
+                    if r == rank:
+                        self._commit(chunk, [p.piece for p in parts], msg)
+                    else:
+                        sends.append((msg, r))
+                    continue
+                except Exception as e:
+                    error = e
+            if r != rank:
+                sends.append((self._filler(n, src), r))
+        self.comm.exchange_(sends, [])
+        return error
+
+    def _landing(self, parts: tuple[Part, ...], held: list) -> tuple[torch.Tensor, bool]:
+        """(a holder) Where this rank's message lands, and whether that is its destination.
+
+        The destination itself when the message is one piece needing no cast
+        (the common FSDP case: a full ``Shard(0)`` row block).
+        """
+        n = sum(p.nbytes for p in parts)
+        if len(parts) == 1:
             p = parts[0]
             target = self.placement.resolve(p.name, p.local_offset, p.nbytes, self.comm.device)
             if target is not None:
                 return target, True
         if self.stage is not None:
-            return self.stage.landing(chunk.seg_bytes), False
-        buf = self.land.acquire(chunk.seg_bytes)
+            return self.stage.landing(n), False
+        buf = self.land.acquire(n)
         held.append((self.land, buf))
         return buf, False
 

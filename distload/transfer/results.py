@@ -11,10 +11,10 @@ one bucket of source bytes, at least one op):
    and frees them; then every rank agrees, so an op that fails raises the
    same :class:`DistLoadError` everywhere, naming the op and its keys;
 3. (all ranks) each result goes to its target: a broadcast from the op rank
-   into a replicated target; for a DTensor target a scatter of padded equal
-   segments over its holders (and the op rank), each holder receiving only
-   its own region. A status exchange precedes every collective, as in the
-   transfer loop, so no rank waits in a collective a failed rank skips.
+   into a replicated target; for a DTensor target the op rank sends each
+   holder exactly its own region, point to point (ranks holding none of it
+   do not take part). A status exchange precedes every transfer, as in the
+   transfer loop, so no rank waits on a message a failed rank skips.
 
 Memory: an op rank holds one batch's sources and results, plus one send
 buffer (about one target); other ranks hold only their own regions, plus
@@ -148,41 +148,48 @@ def _broadcast(comm: Comm, value: torch.Tensor | None, src: int, target: torch.T
 
 def _scatter(comm: Comm, name: str, value: torch.Tensor | None, src: int, target: torch.Tensor,
              layout: Layout, error: BaseException | None) -> BaseException | None:
-    """A DTensor target: each holder receives its own region, in equal padded segments from the op rank."""
+    """A DTensor target: the op rank sends each holder its own region, nothing else, point to point."""
     rank = comm.rank
-    ranks = tuple(sorted(set(layout.holders) | {src}))
-    if comm.has_subgroups:
-        slot = {r: i for i, r in enumerate(ranks)}
-        sub = comm.subgroup(ranks)  # every rank asks, in the same order: making a group is collective
-        span = len(ranks)
-    else:  # the transport scatters over the whole group: ranks outside get padding
-        slot, sub, span = {r: r for r in range(comm.world_size)}, comm, comm.world_size
     item = target.element_size()
-    most = layout.summary.max_rows * layout.summary.max_row_elems if layout.shape else 1  # closed form: no walk
-    seg = -(-most * item // 8) * 8
     mine = target.numel() * item
-    send, recv, in_place = None, None, False
+    if rank != src and not mine:  # holds none of it: only the status exchange
+        _agree_before(comm, error)
+        return error
+    sends: list[tuple[torch.Tensor, int]] = []
+    recv, in_place = None, False
     if error is None:
         try:
             if rank == src:
                 assert value is not None
-                send = torch.empty(span * seg, dtype=torch.uint8, device=comm.device)
                 for r in layout.holders:
                     piece = take_region(value, layout.regions[r]).to(target.dtype).contiguous()
-                    at = slot[r] * seg
-                    send[at : at + piece.numel() * item].copy_(byte_view(piece))
-            if rank in slot:
-                in_place = mine == seg and target.is_contiguous() and target.device == comm.device
-                recv = byte_view(target) if in_place else torch.empty(seg, dtype=torch.uint8, device=comm.device)
+                    if not piece.numel():
+                        continue
+                    if r == rank:
+                        target.copy_(piece.view(target.shape))
+                    else:
+                        sends.append((byte_view(piece).to(comm.device), r))
+            else:
+                in_place = target.is_contiguous() and target.device == comm.device
+                recv = byte_view(target) if in_place else torch.empty(mine, dtype=torch.uint8, device=comm.device)
         except Exception as e:
             error = e
     _agree_before(comm, error)
-    if rank in slot:
-        assert sub is not None and recv is not None, f"no scatter group or landing for {name}"
-        sub.scatter_(recv, slot[src], send)
-        if not in_place and layout.regions[rank] is not None:
-            try:
-                target.copy_(recv[:mine].view(target.dtype).view(target.shape))
-            except Exception as e:
-                error = e
+    if error is not None:  # take part all the same with stand-in bytes of the right sizes
+        if rank == src:
+            sizes = [(layout.local_numel(r) * item, r) for r in layout.holders if r != rank]
+            spare = torch.empty(max([0, *(n for n, _ in sizes)]), dtype=torch.uint8, device=comm.device)
+            sends = [(spare[:n], r) for n, r in sizes if n]
+        else:
+            recv, in_place = torch.empty(mine, dtype=torch.uint8, device=comm.device), True
+    if rank == src:
+        comm.exchange_(sends, [])
+        return error
+    assert recv is not None
+    comm.exchange_([], [(recv, src)])
+    if not in_place:
+        try:
+            target.copy_(recv.view(target.dtype).view(target.shape))
+        except Exception as e:
+            error = e
     return error

@@ -1,7 +1,7 @@
 """Process groups and collectives: bootstrap from torchrun, SLURM or MPI; torch.distributed and mpi4py comms.
 
-Groups given by an engine are used as they are: point-to-point
-:class:`~distload.transport.peer.PeerGroup` stands in for sub-groups there.
+Groups given by an engine are used as they are: scatters are point-to-point
+messages over the given group, so distload makes no sub-group of its own.
 
 The only code that calls collectives. Every method of a
 :class:`~distload.transport.comm.Comm` is called by all ranks of its group in

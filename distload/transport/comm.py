@@ -14,6 +14,7 @@ same order, which the shared plan guarantees.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import traceback
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import MAX_TRACEBACK, DistLoadError, clip_text
+from ..plan.control import EXTRA_LENGTH
 from .netif import gloo_group_env
 
 # Collective timeout (seconds) when distload creates the process group, and each MPI call's deadline.
@@ -116,7 +118,6 @@ class Comm(ABC):
     rank: int
     world_size: int
     device: torch.device
-    has_subgroups = False  # subgroup() makes real sub-groups (else scatters span the whole group)
 
     @abstractmethod
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -131,23 +132,13 @@ class Comm(ABC):
         """(all ranks) Fill ``buf`` (contiguous, on ``device``) with ``src``'s bytes."""
 
     @abstractmethod
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        """(all ranks) Fill each rank's ``buf`` with its segment of ``src``'s ``send``.
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """(all ranks) ``dst`` gets every rank's ``buf`` (the same size everywhere) as one tensor, by rank.
 
-        ``buf`` is ``n`` contiguous bytes on ``device`` on every rank; ``send``
-        (``src`` only) is ``world_size * n`` bytes and rank ``r`` receives
-        ``send[r * n : (r + 1) * n]``. Equal segments, as MPI_Scatter and gloo need.
+        Only ``dst`` receives: ``world_size * len(buf)`` elements there, None
+        elsewhere. For fixed-size records (a rank's figures), so nothing about
+        sizes needs exchanging first. ``buf`` is contiguous, on ``device``.
         """
-
-    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """(all ranks, the same sets in the same order) A transport over just ``ranks``.
-
-        ``ranks`` are this group's ranks, sorted; rank ``ranks[i]`` is rank
-        ``i`` of the result. Ranks outside ``ranks`` get None. Only called when
-        ``has_subgroups``; otherwise scatters span the whole group and ranks
-        outside a scatter's set receive padding.
-        """
-        return self if tuple(ranks) == tuple(range(self.world_size)) else None
 
     # How long a rank waits for its own device or reader, or for a status, before it calls the
     # transport broken. On NCCL, shorter than NCCL's own timeout (see :func:`control_timeout`).
@@ -213,6 +204,62 @@ class Comm(ABC):
             raise DistLoadError.from_failures(phase, failed, {r: got[r][2] for r in failed}) from local
         return [g[0] for g in got]
 
+    def gather_records(self, record: bytes, extra: bytes | None = None, dst: int = 0,
+                       extras: bool = True) -> list[tuple[bytes, bytes | None]] | None:
+        """(all ranks) ``dst`` gets every rank's ``(record, extra)``, by rank; the others get None.
+
+        ``record`` has the same size on every rank (:mod:`distload.plan.control`)
+        and travels in one fixed-size gather, with the length of the rank's
+        ``extra`` unless ``extras`` is False (then no rank has one); then
+        only the ranks that have an extra (a node's first rank with its
+        names, a failed rank with its error) send it, point to point.
+        Nothing is all-gathered: a rank other than ``dst`` sends one record
+        and receives nothing.
+        """
+        head = record + EXTRA_LENGTH.pack(len(extra or b"")) if extras else record
+        got = self.gather_(_tensor_of(head, self.device), dst)
+        if self.rank != dst:
+            if extras and extra:
+                self.exchange_([(_tensor_of(extra, self.device), dst)], [])
+            return None
+        assert got is not None
+        raw = _bytes_of(got)
+        n = len(head)
+        rows = [raw[r * n : (r + 1) * n] for r in range(self.world_size)]
+        if not extras:
+            return [(row, None) for row in rows]
+        sizes = [EXTRA_LENGTH.unpack_from(row, n - EXTRA_LENGTH.size)[0] for row in rows]
+        recvs = [(torch.empty(size, dtype=torch.uint8, device=self.device), r)
+                 for r, size in enumerate(sizes) if size and r != dst]
+        self.exchange_([], recvs)
+        out: list[bytes | None] = [None] * self.world_size
+        for buf, r in recvs:
+            out[r] = _bytes_of(buf)
+        out[dst] = extra or None
+        return [(row[: n - EXTRA_LENGTH.size], e) for row, e in zip(rows, out)]
+
+    def collect_(self, data: bytes | None, srcs: list[int], dst: int = 0) -> dict[int, bytes] | None:
+        """(``dst`` and the ranks in ``srcs`` only; not a collective) Each of ``srcs`` sends ``dst`` its ``data``.
+
+        A length, then the bytes, point to point; ``dst`` gets them by rank
+        (its own ``data`` too, if it is one of ``srcs``), the others None.
+        """
+        if self.rank != dst:
+            payload = data or b""
+            self.exchange_([(torch.tensor([len(payload)], dtype=torch.int64, device=self.device), dst)], [])
+            if payload:
+                self.exchange_([(_tensor_of(payload, self.device), dst)], [])
+            return None
+        others = [r for r in srcs if r != dst]
+        lengths = [(torch.zeros(1, dtype=torch.int64, device=self.device), r) for r in others]
+        self.exchange_([], lengths)
+        bufs = [(torch.empty(int(n.item()), dtype=torch.uint8, device=self.device), r) for n, r in lengths]
+        self.exchange_([], [(b, r) for b, r in bufs if b.numel()])
+        out = {r: _bytes_of(b) for b, r in bufs}
+        if dst in srcs:
+            out[dst] = data or b""
+        return out
+
     def broadcast_or_raise(self, phase: str, compute: Callable[[], Any], src: int = 0) -> Any:
         """(all ranks) ``src``'s ``compute()`` on every rank, or ``src``'s error raised on every rank."""
         local: Exception | None = None
@@ -241,8 +288,6 @@ class Comm(ABC):
 class LocalComm(Comm):
     """A single process: nothing to exchange."""
 
-    has_subgroups = True  # the only sub-group is the whole group
-
     def __init__(self, device: torch.device, timeout_s: float | None = None):
         self.rank, self.world_size, self.device = 0, 1, device
         if timeout_s is not None:
@@ -257,19 +302,14 @@ class LocalComm(Comm):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         return None
 
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        assert send is not None
-        buf.copy_(send[: buf.numel()])
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        return buf.clone()
 
     def any_failed(self, failed: bool) -> bool:
         return failed
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         assert not sends and not recvs, "a single process has no peers"
-
-
-# Sub-groups made for scatters over a tensor's own mesh, by (default group, global ranks).
-_SUBGROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}  # -> (that default group, the sub-group)
 
 
 class TorchComm(Comm):
@@ -294,17 +334,16 @@ class TorchComm(Comm):
     """
 
     def __init__(self, group: Any, device: torch.device, timeout_s: float | None = None, *,
-                 control_group: Any = None, make_groups: bool = True):
+                 control_group: Any = None):
         """``control_group``: a gloo group of the same ranks for control messages and
         agreements (an engine's own CPU group), so none is made for an NCCL
-        ``group``. ``make_groups=False``: never create a process group; scatters
-        over part of the ranks then run as point-to-point sends over ``group``
-        (:class:`~distload.transport.peer.PeerGroup`)."""
+        ``group``. Scatters are point-to-point sends over ``group``: a load
+        never creates a process group beyond the side group."""
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
-        self._given_control, self._make_groups = control_group, make_groups
+        self._given_control = control_group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
@@ -364,48 +403,10 @@ class TorchComm(Comm):
         if buf.numel():
             self._dist.broadcast(buf, src=self._global[src], group=self.group)
 
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        n = buf.numel()
-        if n == 0:
-            return
-        parts = list(send.split(n)) if self.rank == src and send is not None else None
-        self._dist.scatter(buf, parts, src=self._global[src], group=self.group)
-
-    @property
-    def has_subgroups(self) -> bool:  # type: ignore[override]
-        """Sub-groups need every process of the job (``new_group``): only a load over the whole job makes them.
-
-        Point-to-point ones (``make_groups=False``) need nothing, over any group.
-        """
-        return not self._make_groups or self.world_size == self._dist.get_world_size()
-
-    def subgroup(self, ranks: tuple[int, ...]) -> Comm | None:
-        """A process group over ``ranks``, made once per set of ranks and kept for later loads.
-
-        With ``make_groups=False``, a :class:`~distload.transport.peer.PeerGroup` instead: no group is made.
-        """
-        if tuple(ranks) == tuple(range(self.world_size)):
-            return self
-        if not self._make_groups:
-            from .peer import PeerGroup
-
-            return PeerGroup(self, tuple(ranks)) if self.rank in ranks else None
-        from torch.distributed import distributed_c10d as c10d
-
-        members = tuple(self._global[r] for r in ranks)
-        world = c10d._get_default_group()
-        key = (id(world), members)
-        cached = _SUBGROUPS.get(key)
-        # Valid only for the same world object (an id can be a new world's). Ranks outside
-        # ``members`` hold torch's non-member marker, which no group map lists, so the cache
-        # must not be checked against one: they would make the group again while its members
-        # reuse theirs, and new_group is collective.
-        group = cached[1] if cached is not None and cached[0] is world else None
-        if group is None:
-            with gloo_group_env():  # a gloo world makes gloo sub-groups: lazy connects, the right interface
-                group = self._dist.new_group(list(members))
-            _SUBGROUPS[key] = (world, group)
-        return TorchComm(group, self.device) if self.rank in ranks else None
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
+        self._dist.gather(buf, out, dst=self._global[dst], group=self.group)
+        return torch.cat(out) if out is not None else None
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         dist = self._dist
@@ -446,7 +447,7 @@ class TorchComm(Comm):
         return _OnDevice(event, host)
 
     def abort(self) -> None:
-        """Abort the NCCL communicators of this group and of the sub-groups distload made over it.
+        """Abort the NCCL communicator of this group (distload makes no sub-groups).
 
         Their kernels stop waiting for peers that will never answer, so the
         caller's stream (queued behind them) drains, and a later
@@ -461,15 +462,11 @@ class TorchComm(Comm):
             world = c10d._get_default_group()
         except Exception:
             return
-        groups = [self.group if self.group is not None else world]
-        groups += [g for key, (w, g) in list(_SUBGROUPS.items()) if w is world]
-        for key in [k for k, (w, _) in _SUBGROUPS.items() if w is world]:
-            del _SUBGROUPS[key]  # aborted: a later load must make its own
-        for g in groups:
-            try:
-                g._get_backend(torch.device("cuda")).abort()
-            except Exception:  # already gone, or not an NCCL group: nothing queued to cancel
-                pass
+        group = self.group if self.group is not None else world
+        try:
+            group._get_backend(torch.device("cuda")).abort()
+        except Exception:  # already gone, or not an NCCL group: nothing queued to cancel
+            pass
 
 
 # Status slots on NCCL, used in turn: the loop reads each answer a window after posting it.
@@ -535,9 +532,17 @@ def control_group(group: Any, ranks: list[int], timeout_s: float | None) -> Any:
 
 
 def forget_groups() -> None:
-    """(every rank, at destroy) Drop the cached sub-groups and side groups, so none outlives its world."""
-    _SUBGROUPS.clear()
+    """(every rank, at destroy) Drop the cached side groups, so none outlives its world."""
     _CONTROL.clear()
+
+
+def _tensor_of(data: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def _bytes_of(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
 def format_traceback(exc: BaseException) -> str:

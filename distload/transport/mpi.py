@@ -3,9 +3,14 @@ and for jobs that already run inside MPI.
 
 Selected with ``load_checkpoint(..., comm="mpi")`` or ``--comm mpi``. The plan,
 reader and placement code are the same as with torch.distributed; only the
-bytes travel differently: ``MPI_Bcast`` of host buffers, pickled objects for
-the plan and reports, ``MPI_Scatter`` of equal segments for DTensor shards,
-and an ``MPI_Allreduce`` for error agreement.
+bytes travel differently: ``MPI_Bcast`` of host buffers and pickled objects,
+``MPI_Gather`` of fixed-size records to rank 0, ``MPI_Isend``/``MPI_Irecv`` of
+each rank's exact pieces for DTensor shards and saves, and an
+``MPI_Allreduce`` of one integer for error agreement.
+
+Counts are C ints: no single call moves 2**31 bytes or more, nor computes a
+displacement past that (large objects and gathers go in rounds), and no
+call does more than O(world) work on any rank.
 
 Note:
     MPI collectives have no timeout of their own, so every call here is the
@@ -31,6 +36,7 @@ Note:
 from __future__ import annotations
 
 import ctypes
+import itertools
 import pickle
 import queue
 import threading
@@ -41,7 +47,7 @@ import torch
 from ..errors import DistLoadError
 from .comm import DEFAULT_TIMEOUT_S, Comm
 
-# MPI counts are C ints; stay well below 2**31 per call.
+# MPI counts and displacements are C ints; stay well below 2**31 per call.
 _MAX_BYTES = 1 << 30
 _P2P_TAG = 7341  # point-to-point messages of a save; per-pair order keeps them matched
 
@@ -174,19 +180,38 @@ class MpiComm(Comm):
             self._wait(self._comm.Ibcast([part, len(part), self._MPI.BYTE], root=src), what, owner)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's pickled ``obj``: sizes first, then the bytes in rounds that keep every count and
+        displacement below 2**31 (each round moves at most ``_MAX_BYTES // world`` bytes of each object)."""
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         sizes = torch.zeros(self.world_size, dtype=torch.int64)
         mine = torch.tensor([len(data)], dtype=torch.int64)
         self._wait(self._comm.Iallgather([host_bytes(mine), 1, self._MPI.INT64_T],
                                          [host_bytes(sizes), 1, self._MPI.INT64_T]), "all-gather", mine, sizes)
         counts = sizes.tolist()
-        if max(counts) >= _MAX_BYTES:
-            raise DistLoadError(f"an object of {max(counts)} bytes is too large to gather over MPI")
-        offsets = [sum(counts[:r]) for r in range(self.world_size)]
-        out = bytearray(sum(counts))
-        self._wait(self._comm.Iallgatherv([data, len(data), self._MPI.BYTE],
-                                          [out, (counts, offsets), self._MPI.BYTE]), "all-gather", data, out)
-        return [pickle.loads(out[o : o + n]) for o, n in zip(offsets, counts)]
+        step = max(1, _MAX_BYTES // self.world_size)
+        blobs = [bytearray(n) for n in counts]
+        for start in range(0, max(counts), step):
+            part = [max(0, min(step, n - start)) for n in counts]
+            offsets = list(itertools.accumulate(part, initial=0))[:-1]
+            out = bytearray(offsets[-1] + part[-1])
+            send = data[start : start + part[self.rank]]
+            self._wait(self._comm.Iallgatherv([send, len(send), self._MPI.BYTE],
+                                              [out, (part, offsets), self._MPI.BYTE]), "all-gather", send, out)
+            for r, (o, n) in enumerate(zip(offsets, part)):
+                if n:
+                    blobs[r][start : start + n] = out[o : o + n]
+        return [pickle.loads(b) for b in blobs]
+
+    def gather_(self, buf: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """``MPI_Gather`` of one fixed-size record per rank into ``dst``."""
+        n = buf.numel() * buf.element_size()
+        if n >= _MAX_BYTES:
+            raise DistLoadError(f"a {n}-byte record is too large to gather over MPI")
+        mine = buf.contiguous()
+        out = torch.empty(self.world_size * buf.numel(), dtype=buf.dtype) if self.rank == dst else None
+        recv = [host_bytes(out), n, self._MPI.BYTE] if out is not None else None
+        self._wait(self._comm.Igather([host_bytes(mine), n, self._MPI.BYTE], recv, root=dst), "gather", mine, out)
+        return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
@@ -200,21 +225,6 @@ class MpiComm(Comm):
     def broadcast_(self, buf: torch.Tensor, src: int) -> None:
         if buf.numel():
             self._bcast_bytes(host_bytes(buf), src, "broadcast", buf)
-
-    def scatter_(self, buf: torch.Tensor, src: int, send: torch.Tensor | None = None) -> None:
-        """(all ranks) ``MPI_Scatter`` of equal byte segments of ``src``'s ``send`` into each ``buf``."""
-        n = buf.numel() * buf.element_size()
-        if n == 0:
-            return
-        recv = [host_bytes(buf), n, self._MPI.BYTE]
-        if self.rank == src:
-            if send is None or send.numel() * send.element_size() < n * self.world_size:
-                raise DistLoadError(f"scatter source needs {n * self.world_size} bytes to send")
-            request = self._comm.Iscatter([host_bytes(send)[: n * self.world_size], n, self._MPI.BYTE], recv,
-                                          root=src)
-        else:
-            request = self._comm.Iscatter(None, recv, root=src)
-        self._wait(request, "scatter", buf, send)
 
     def exchange_(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         """``MPI_Isend`` / ``MPI_Irecv`` of each buffer (in pieces below 2**31 bytes), all waited on together
@@ -238,3 +248,4 @@ class MpiComm(Comm):
                                          [host_bytes(out), 1, self._MPI.INT32_T], op=self._MPI.MAX),
                    "status all-reduce", status, out)
         return bool(out.item())
+
