@@ -4,7 +4,6 @@ status exchanges read a window late, the gloo interface. ``tests/test_cuda_stage
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 
@@ -113,10 +112,10 @@ def test_a_gpu_index_past_the_machines_is_refused(gpus):
 def small(tmp_path):
     path = write_synthetic(tmp_path / "ck", n_files=2)
     plan = build_plan(read_checkpoint(path), [RankInfo(0, "h", 0)], bucket_mb=0.01)
-    fds = {i: open_verified(plan, i) for i in range(len(plan.files))}
-    yield plan, fds
-    for fd in fds.values():
-        os.close(fd)
+    sources = {i: open_verified(plan, i) for i in range(len(plan.files))}
+    yield plan, sources
+    for src in sources.values():
+        src.close()
 
 
 def test_every_reader_thread_makes_the_ranks_gpu_current(small, monkeypatch):
@@ -217,8 +216,8 @@ class _Aborting(Comm):
     def broadcast_(self, buf, src):
         return None
 
-    def scatter_(self, buf, src, send=None):
-        return None
+    def gather_(self, buf, dst=0):
+        return buf.clone()
 
     def any_failed(self, failed):
         return failed

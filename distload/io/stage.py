@@ -193,13 +193,13 @@ class CopyStage:
     """(every rank, CUDA) Pinned staging, a copy stream and a comm stream for one load.
 
     Pinned buckets hold ``bucket_bytes`` (the largest read), device buckets
-    ``device_bytes`` (default the same; the largest chunk or segment that
+    ``device_bytes`` (default the same; the largest chunk or message that
     lands off its destination). The loop holds at most one device bucket at a
     time (between ``upload`` or ``landing`` and ``done``), so two device
     buckets keep a copy and a collective in flight together. Device memory is
     allocated here, up front, with ``stand_in_bytes`` for :meth:`stand_in`
-    (inside the ring when it fits, as it does unless scatter segments are
-    padded far past a bucket). ``wait_s`` bounds every host wait on the GPU.
+    (inside the ring when it fits, as it does unless one scatter message is
+    far past a bucket). ``wait_s`` bounds every host wait on the GPU.
     """
 
     def __init__(self, device: torch.device, bucket_bytes: int, device_bytes: int | None = None, *,

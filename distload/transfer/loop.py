@@ -49,7 +49,7 @@ or the largest scatter chunk or segment when bigger):
       for reads and own slices (one being copied, one waiting, one being
       read); on the GPU 2 B taken in turn for staging, receiving and casting
       (one filled while the other is sent), which also serve as the stand-in
-      (more only when a padded scatter segment exceeds them), plus the send
+      (more only when one message exceeds them), plus the send
       buffer on scatter owners. Copies run on a copy stream and collectives on
       a comm stream, ordered by events, so reading, copying and sending
       overlap without a host sync per step.
@@ -290,6 +290,10 @@ class Transfer:
                 else:
                     move = self._broadcast if step.kind == BROADCAST else self._scatter
                     error = move(step.item, error)
+                    if pause and step.kind == SCATTER:
+                        # An owner packs and places after the status exchange before the step: agree
+                        # again, so a consumer never reads stand-in bytes that a failed owner sent.
+                        self._agree_before(error)
                 if self.progress is not None:
                     self.progress.update(counter.step(step))
                 if pause and error is None:
@@ -367,13 +371,9 @@ class Transfer:
         return self._spare[:nbytes]
 
     def _filler(self, nbytes: int, src: torch.Tensor | None) -> torch.Tensor:
-        """(a scatter owner whose step failed) Bytes of a holder's message size to send it: the reserved
-        stand-in on CPU, else the chunk's own bytes (no message is larger than its chunk)."""
-        if self._spare is not None:
-            return self._stand_in(nbytes)
-        if src is not None:
-            return src[:nbytes]
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+        """(a scatter owner whose step failed) Bytes of a holder's message size to send it: the stand-in
+        (reserved on CPU, the copy stage's on CUDA), so a failed owner allocates nothing."""
+        return self._stand_in(nbytes)  # sized from the schedule, this rank's scatters' recv_bound included
 
     # ---- broadcast ---------------------------------------------------------------
 

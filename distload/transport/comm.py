@@ -204,6 +204,10 @@ class Comm(ABC):
             raise DistLoadError.from_failures(phase, failed, {r: got[r][2] for r in failed}) from local
         return [g[0] for g in got]
 
+    def control_comm(self) -> Comm:
+        """The transport control records travel on: this one, unless it keeps control apart (NCCL)."""
+        return self
+
     def gather_records(self, record: bytes, extra: bytes | None = None, dst: int = 0,
                        extras: bool = True) -> list[tuple[bytes, bytes | None]] | None:
         """(all ranks) ``dst`` gets every rank's ``(record, extra)``, by rank; the others get None.
@@ -216,6 +220,9 @@ class Comm(ABC):
         Nothing is all-gathered: a rank other than ``dst`` sends one record
         and receives nothing.
         """
+        c = self.control_comm()
+        if c is not self:
+            return c.gather_records(record, extra, dst, extras)
         head = record + EXTRA_LENGTH.pack(len(extra or b"")) if extras else record
         got = self.gather_(_tensor_of(head, self.device), dst)
         if self.rank != dst:
@@ -244,6 +251,9 @@ class Comm(ABC):
         A length, then the bytes, point to point; ``dst`` gets them by rank
         (its own ``data`` too, if it is one of ``srcs``), the others None.
         """
+        c = self.control_comm()
+        if c is not self:
+            return c.collect_(data, srcs, dst)
         if self.rank != dst:
             payload = data or b""
             self.exchange_([(torch.tensor([len(payload)], dtype=torch.int64, device=self.device), dst)], [])
@@ -356,6 +366,7 @@ class TorchComm(Comm):
         elif timeout_s is not None:
             self.wait_s = timeout_s
         self._control: Any = None  # the gloo side group on NCCL, made at the first control message
+        self._control_comm: TorchComm | None = None  # a CPU transport over that group, for control records
         self._flags: tuple[torch.Tensor, torch.Tensor] | None = None  # (device, pinned) status slots on NCCL
         self._posted = 0
 
@@ -373,6 +384,19 @@ class TorchComm(Comm):
         out: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(out, obj, group=self._ctl())
         return out
+
+    def control_comm(self) -> Comm:
+        """On NCCL (or with an engine's ``control_group``): a CPU transport over the control group.
+
+        Records then travel as host tensors over gloo, bounded by its shorter
+        timeout, and never queue behind the data collectives on the GPU.
+        """
+        ctl = self._ctl()
+        if ctl is self.group:
+            return self
+        if self._control_comm is None:
+            self._control_comm = TorchComm(ctl, torch.device("cpu"), self.wait_s)
+        return self._control_comm
 
     def silent_ranks(self, tag: str, wait_s: float) -> list[int] | None:
         """Check in through the group's key-value store (torchrun's agent store
