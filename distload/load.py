@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and read no tensor data")
     p.add_argument("--world", type=int, metavar="N",
                    help="with --dry-run: emulate N ranks (8 per node) in this one process, replicated and with "
-                        "every tensor Shard(0) over all N ranks, and print the plan bytes each rank receives "
-                        "and the planning seconds")
+                        "every tensor Shard(0) over all N ranks, with the planner and schedule a load runs, and "
+                        "print per mode the planning seconds, plan and control bytes per rank, buffers and "
+                        "bytes on the wire")
     p.add_argument("--json", action="store_true",
                    help="with --dry-run --world N: one JSON object per line per mode (world, mode, planning "
                         "seconds, plan, control, buffer and wire bytes, collectives per rank) instead of text")

@@ -157,6 +157,32 @@ def test_loads_from_s3_equal_from_pretrained_and_fetch_each_byte_once(server, en
         assert server.sent_bytes(case.bucket) - before[name] == case.nbytes, name
 
 
+def _stream_world(rank, world, uri: str):
+    import distload
+
+    torch.set_num_threads(1)
+    wanted = None if rank == 0 else (lambda name: ".layers.0." in name)  # rank 1: one layer, like a pipeline stage
+    with distload.stream_state_dict(uri, names=wanted, bucket_mb=0.004) as tensors:
+        return {name: t.clone() for name, t in tensors}
+
+
+def test_a_stream_from_s3_gives_every_rank_what_it_asked_for_fetching_each_byte_once(server, env, cases):
+    from safetensors.torch import load_file
+
+    case = cases["sharded"]
+    want = {}
+    for f in case.local.glob("*.safetensors"):
+        want.update(load_file(f))
+    before = server.sent_bytes(case.bucket)
+    everything, layer0 = run_world(_stream_world, 2, case.uri, env=env, timeout=600)
+    assert sorted(everything) == sorted(want)
+    assert sorted(layer0) == sorted(k for k in want if ".layers.0." in k) and layer0
+    for got in (everything, layer0):
+        for k, t in got.items():
+            assert t.dtype == want[k].dtype and torch.equal(t, want[k]), k
+    assert server.sent_bytes(case.bucket) - before == case.nbytes  # each object byte once, as a load
+
+
 def test_index_and_single_file_uris_load_like_paths_do(server, aws, cases):
     import distload
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,22 @@ class Chunk:
         return len(self.pieces) == 1
 
 
-def interleave(streams: dict[int, list[Chunk]]) -> tuple[Chunk, ...]:
-    """Merge per-owner chunk lists so every owner's reads stay in flight.
+_Sized = TypeVar("_Sized", bound="_HasBytes")
+
+
+class _HasBytes(Protocol):
+    nbytes: int
+
+
+def interleave(streams: dict[int, list[_Sized]]) -> tuple[_Sized, ...]:
+    """Merge per-owner chunk lists so every owner's reads (or a save's writes) stay in flight.
 
     Always emits next from the owner that has sent the fewest bytes so far
     (ties to the lowest rank), so while one owner's chunk is on the wire the
-    others are reading theirs.
+    others are reading theirs. Any chunk type with ``nbytes`` (load and save chunks).
     """
     heap = [(0, r, 0) for r in sorted(streams) if streams[r]]  # (bytes sent, owner, next position)
-    out: list[Chunk] = []
+    out: list[_Sized] = []
     while heap:
         sent, r, pos = heapq.heappop(heap)
         c = streams[r][pos]

@@ -20,7 +20,6 @@ then writes it at its offset.
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import re
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..errors import DistLoadError
-from .items import RankInfo
+from .items import RankInfo, interleave
 from .load_plan import assign_files
 from .shard import Layout, Sharding, clipped_boxes, layout_of, position
 
@@ -284,20 +283,6 @@ def chunk_file(file_idx: int, spec: FileSpec, writer: int, tensors: tuple[OutTen
         open_end = off + t.nbytes
     close()
     return out
-
-
-def interleave(streams: dict[int, list[Chunk]]) -> tuple[Chunk, ...]:
-    """Merge per-writer chunk lists, always next from the writer given the fewest bytes so far (ties to the
-    lowest rank), so every writer's disk stays busy while the others' chunks travel."""
-    heap = [(0, w, 0) for w in sorted(streams) if streams[w]]  # (bytes given, writer, next position)
-    out: list[Chunk] = []
-    while heap:
-        given, w, pos = heapq.heappop(heap)
-        c = streams[w][pos]
-        out.append(c)
-        if pos + 1 < len(streams[w]):
-            heapq.heappush(heap, (given + c.nbytes, w, pos + 1))
-    return tuple(out)
 
 
 def build_plan(tensors: list[OutTensor], shardings: dict[str, Sharding], shapes: dict[str, tuple[int, ...]],
