@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "bench"
 PREFIX = "llama"
-FLOOR_THREADS = 16
+FLOOR_THREADS = 8  # distload's default concurrency (max_concurrent_requests)
 FLOOR_PART = 16 << 20
 
 
@@ -97,12 +97,16 @@ def _objects(client) -> list[tuple[str, int]]:
 
 
 def _floor(uri: str) -> int:
-    """Every object into memory with concurrent ranged GETs (readinto, as distload reads): the bytes read."""
+    """Every object into memory with concurrent ranged GETs, received as distload receives them (http.client's
+    readinto into the destination, 8 threads of 16 MiB parts), and nothing else: the bytes read."""
     import queue
 
     client = _client()
     objects = _objects(client)
-    bufs = {k: bytearray(n) for k, n in objects}
+    import torch
+
+    # untouched memory, as distload's destinations are (bytearray would zero-fill it first)
+    bufs = {k: torch.empty(n, dtype=torch.uint8).numpy() for k, n in objects}
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for k, n in objects:
         for off in range(0, n, FLOOR_PART):
@@ -116,13 +120,15 @@ def _floor(uri: str) -> int:
             except queue.Empty:
                 return
             try:
-                body = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={off}-{off + n - 1}")["Body"]
-                view, pos = memoryview(bufs[k])[off: off + n], 0
+                raw = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={off}-{off + n - 1}")["Body"]._raw_stream
+                stream = getattr(raw, "_fp", None) or raw  # http.client's readinto: recv_into the buffer, no copy
+                view, pos = memoryview(bufs[k]).cast("B")[off: off + n], 0
                 while pos < n:
-                    got = body._raw_stream.readinto(view[pos:])
+                    got = stream.readinto(view[pos:])
                     if not got:
                         raise OSError("short body")
                     pos += got
+                raw.release_conn()
             except BaseException as e:
                 errors.append(e)
                 return

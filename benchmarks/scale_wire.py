@@ -95,7 +95,10 @@ def _run(code: Path, world: int, ckpt: Path, bucket_mb: float, scratch: Path) ->
            "--ckpt", str(ckpt), "--bucket-mb", str(bucket_mb), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise SystemExit(f"{code}: world {world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        causes = [line for line in proc.stderr.splitlines()
+                  if any(w in line for w in ("terminate", "what()", "Error", "error:", "Abort"))][:20]
+        raise SystemExit(f"{code}: world {world} failed:\n" + "\n".join(causes)
+                         + f"\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
