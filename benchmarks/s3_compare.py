@@ -121,14 +121,18 @@ def _floor(uri: str) -> int:
                 return
             try:
                 raw = client.get_object(Bucket=BUCKET, Key=k, Range=f"bytes={off}-{off + n - 1}")["Body"]._raw_stream
-                stream = getattr(raw, "_fp", None) or raw  # http.client's readinto: recv_into the buffer, no copy
+                # http.client's readinto: recv_into the buffer, no copy (as distload, unless the body is encoded)
+                direct = getattr(raw, "_fp", None)
+                stream = direct if direct is not None and not raw.headers.get("content-encoding") else raw
                 view, pos = memoryview(bufs[k]).cast("B")[off: off + n], 0
-                while pos < n:
-                    got = stream.readinto(view[pos:])
-                    if not got:
-                        raise OSError("short body")
-                    pos += got
-                raw.release_conn()
+                try:
+                    while pos < n:
+                        got = stream.readinto(view[pos:])
+                        if not got:
+                            raise OSError("short body")
+                        pos += got
+                finally:
+                    raw.release_conn()
             except BaseException as e:
                 errors.append(e)
                 return

@@ -16,6 +16,7 @@ import sys
 
 from .errors import DistLoadError
 from .format.discover import expand_path, unset_variables
+from .storage.base import is_object_uri
 from .load import (
     DTYPES,
     REVISION_HELP,
@@ -108,7 +109,7 @@ def _check(args: argparse.Namespace):
     """(every rank, before any process group exists) The load CLI's checks, plus the save's own."""
     if args.model == "none":
         raise DistLoadError("--model none has no model to save; use hf or pkg.module:factory")
-    unset = unset_variables(args.dst)
+    unset = [] if is_object_uri(args.dst) else unset_variables(args.dst)  # s3:// is never expanded
     if unset and not expand_path(args.dst).exists():
         raise DistLoadError(f"DST {args.dst}: ${unset[0]} is not set in this environment")
     if args.mode == "fsdp" and args.comm == "mpi":

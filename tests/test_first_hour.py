@@ -363,3 +363,24 @@ def test_save_cli_refuses_a_checkpoint_that_does_not_match_its_model(tmp_path, l
                                 "missing keys (1): lm_head.weight (distload.save re-shards complete checkpoints only: "
                                 "fix config.json, or pass --model pkg.module:factory)")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_index_that_maps_to_bin_files_gets_the_recipe_of_the_class_config_json_names(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-00001.bin"}}))
+    (ck / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(distload.DistLoadError) as exc:
+        distload.plan_checkpoint(ck)
+    assert "maps 'w' to 'pytorch_model-00001.bin'" in str(exc.value)
+    assert "transformers.LlamaForCausalLM.from_pretrained(" in str(exc.value), str(exc.value)
+
+
+def test_an_s3_destination_is_never_expanded_as_a_local_path(monkeypatch):
+    from distload import save as save_cli
+
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    args = save_cli.parse_args(["no-such-src", "s3://bucket/$NOT_SET_HERE/out"])
+    with pytest.raises(distload.DistLoadError) as exc:
+        save_cli._check(args)  # the $ in an s3:// key is no variable: the complaint is the missing source
+    assert "is not set" not in str(exc.value) and "no-such-src" in str(exc.value), str(exc.value)

@@ -82,6 +82,11 @@ class Checkpoint:
         return [t.name for f in self.files for t in f.tensors]
 
 
+def _folder_of(src: Source) -> Path | str:
+    """Where a source's file lives: a local folder (its config.json can name the model class), or a prefix."""
+    return Path(src.name).parent if isinstance(src, FileSource) else src.name.rpartition("/")[0]
+
+
 def read_index(index: Path | Source) -> tuple[dict[str, str], int | None]:
     """Parse an index file (a path, or an opened source, which is closed) into ``(weight_map, total_size or None)``."""
     src = FileSource(open_regular(index), index) if isinstance(index, Path) else index
@@ -110,7 +115,7 @@ def read_index(index: Path | Source) -> tuple[dict[str, str], int | None]:
             raise DistLoadError(f"index {name}: weight_map[{key!r}] is not a file name")
         if fname.endswith(PICKLE_SUFFIXES):
             raise DistLoadError(f"index {name} maps {key!r} to {fname!r}: "
-                                + pickle_help(index.parent if isinstance(index, Path) else src.name.rpartition("/")[0], [fname]))
+                                + pickle_help(_folder_of(src), [fname]))
     meta = doc.get("metadata")
     total = meta.get("total_size") if isinstance(meta, dict) else None
     if isinstance(total, bool) or not isinstance(total, int):

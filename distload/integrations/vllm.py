@@ -47,7 +47,7 @@ from vllm.model_executor.model_loader import DefaultModelLoader, register_model_
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from ..errors import DistLoadError
-from ..format.discover import find_checkpoint, resolve_checkpoint
+from ..format.discover import locate, resolve_checkpoint
 from ..plan.shard_plan import READ_POLICIES
 from ..stream import TensorStream
 from ..transport.comm import Comm, LocalComm, TorchComm, describe
@@ -105,9 +105,9 @@ class DistloadModelLoader(BaseModelLoader):
         self.options = check_options(load_config.model_loader_extra_config)
 
     def download_model(self, model_config: ModelConfig) -> None:
-        """Nothing is downloaded: the checkpoint must be a local path or a repo in the local Hub cache."""
+        """Nothing is downloaded: the checkpoint must be a local path, a repo in the local Hub cache or s3://."""
         try:
-            find_checkpoint(resolve_checkpoint(*_source(model_config)))
+            locate(resolve_checkpoint(*_source(model_config)))  # lists an s3:// prefix, reads no object
         except DistLoadError as e:
             raise DistLoadError(f"distload: {e.one_line()}") from e
 

@@ -14,7 +14,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -22,8 +21,7 @@ from ..errors import DistLoadError, add_context
 from ..format.header import header_from
 from ..plan.items import Chunk
 from ..plan.load_plan import LoadPlan
-from ..storage.base import Source, Store
-from ..storage.files import LocalStore
+from ..storage.base import Source, Store, open_store
 
 # A sub-range read is never smaller than this: large requests suit network
 # filesystems, and below it a thread costs more than it saves.
@@ -129,7 +127,7 @@ def open_verified(plan: LoadPlan, file_idx: int, store: Store | None = None) -> 
     """
     shard = plan.files[file_idx]
     if store is None:
-        store = LocalStore(Path(plan.root))
+        store = open_store(plan.root)
     src = store.open(shard.name)
     try:
         if src.size != shard.size:
